@@ -1,0 +1,80 @@
+"""`dedt-ray <stage>|run --config FILE --run-dir DIR [--force] [dotted.key=value ...]`.
+
+Exit codes: 0 done, 1 a stage failed, 2 invalid config or arguments (before any Ray work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dedt_ray.config import Config, ConfigError, load_config
+
+log = logging.getLogger("dedt_ray")
+
+
+def _stage_names() -> list[str]:
+    from dedt_ray.pipeline import STAGES
+
+    return list(STAGES)
+
+
+def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    common.add_argument(
+        "--run-dir", help="run directory, local path or s3:// / gs:// URI (default: runs/<config>)"
+    )
+    common.add_argument("--force", action="store_true", help="redo stages even if up to date")
+    common.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    sub.add_parser("run", parents=[common], help="run every enabled stage in DAG order")
+    for name in _stage_names():
+        sub.add_parser(name, parents=[common], help=f"run the {name} stage")
+    return parser
+
+
+def default_run_dir(config: str | None) -> str:
+    return str(Path("runs") / (Path(config).stem if config else "default"))
+
+
+def check_inputs(cfg: Config) -> None:
+    """Cheap checks of local input paths, so a typo fails before any cluster work."""
+    path = cfg.data.path
+    if path and "://" not in path and not Path(path).exists():
+        raise ConfigError(f"data.path: {path} does not exist")
+
+
+def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="dedt-ray | %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from dedt_ray.pipeline import run_pipeline
+    from dedt_ray.store import RunStore
+
+    store = RunStore(args.run_dir or default_run_dir(args.config))
+    only = None if args.command == "run" else [args.command]
+    try:
+        results = run_pipeline(cfg, store, force=args.force, only=only)
+    except Exception as exc:
+        log.error("failed: %s: %s", type(exc).__name__, exc)
+        raise
+    print(f"\nrun directory: {store.uri(store.root)}")
+    for name, manifest in results.items():
+        state = "up to date, skipped" if manifest.get("skipped_stage") else "done"
+        seconds = manifest.get("seconds", 0.0)
+        print(f"  {name:<10} {state:<20} {manifest.get('summary', '')} [{seconds:.1f} s]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

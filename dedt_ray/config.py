@@ -1,0 +1,175 @@
+"""The typed config tree of a run: YAML + dotted overrides, validated before any Ray work.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails loudly with the
+key's dotted path and, for choices, the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The CLI turns it into exit code 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are shaped."""
+
+    source: Literal["digits", "image_folder", "cifar10", "parquet"] = "digits"
+    path: str | None = None
+    image_size: int = Field(16, ge=4, le=1024)
+    mode: Literal["L", "RGB"] = "L"
+    split: Literal["train", "test", "all"] = "train"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    limit: int | None = Field(None, ge=1)
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class EmbedConfig(Section):
+    """The surrogate encoder and how the embedding stage runs it."""
+
+    encoder: Literal["pixels", "random_projection", "clip", "dinov2", "vit", "inception", "vae"] = (
+        "pixels"
+    )
+    model: str | None = None
+    dim: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float | None = Field(None, ge=0.0, le=8.0)  # None: 1 if the cluster has GPUs
+    rows_per_file: int = Field(100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> EmbedConfig:
+        if self.encoder in ("clip", "dinov2", "vit", "inception", "vae") and not self.model:
+            raise ValueError(
+                f"embed.model (a local path or hub-cache name) is required for "
+                f"embed.encoder={self.encoder!r}"
+            )
+        return self
+
+
+class SelectConfig(Section):
+    """Class-wise coreset selection."""
+
+    enabled: bool = True
+    criterion: Literal["gaussian", "ppca", "knn", "moderate", "kcenter", "herding", "random"] = (
+        "gaussian"
+    )
+    keep_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    k: int = Field(5, ge=1)
+    seed: int = 0
+
+
+class Config(Section):
+    """The whole pipeline."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    embed: EmbedConfig = EmbedConfig()
+    select: SelectConfig = SelectConfig()
+
+    def digest(self) -> str:
+        """A stable hash of the whole config."""
+        return hash_json(self.model_dump(mode="json"))
+
+    def section_digest(self, *names: str) -> str:
+        """A stable hash of some sections (what a stage's output depends on)."""
+        return hash_json({n: getattr(self, n).model_dump(mode="json") for n in names})
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=[1,2]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _section_at(e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else ""
+            msg = f"unknown key (allowed: {allowed})"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the defaults), apply dotted overrides, validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        where = f" ({path})" if path else ""
+        raise ConfigError(_describe(exc) + where) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
