@@ -78,6 +78,82 @@ class SelectConfig(Section):
     seed: int = 0
 
 
+class ModelConfig(Section):
+    """The diffusion model (diffusers UNet2DModel + DDPMScheduler)."""
+
+    sample_size: int | None = Field(None, ge=4)  # None: data.image_size (or the latent size)
+    block_out_channels: list[int] = [32, 64, 64]
+    layers_per_block: int = Field(1, ge=1)
+    attention_levels: list[bool] | None = None  # per block; None: attention in the last one
+    attention_head_dim: int = Field(8, ge=1)
+    mid_attention: bool = True  # self-attention in the UNet's middle block
+    norm_num_groups: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    class_conditional: bool = True
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # for classifier-free guidance
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    latent: bool = False
+    vae: str | None = None  # diffusers AutoencoderKL folder for latent mode
+    vae_batch_size: int = Field(64, ge=1)  # latents stage: images per VAE call
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if any(c <= 0 or c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"model.block_out_channels {self.block_out_channels} must be positive "
+                f"multiples of model.norm_num_groups={self.norm_num_groups}"
+            )
+        if not self.block_out_channels:
+            raise ValueError("model.block_out_channels needs at least one entry")
+        levels = self.attention_levels
+        if levels is not None and len(levels) != len(self.block_out_channels):
+            raise ValueError("model.attention_levels needs one entry per block_out_channels")
+        if self.latent and not self.vae:
+            raise ValueError("model.vae (an AutoencoderKL folder) is required when model.latent")
+        return self
+
+
+class TrainConfig(Section):
+    """How a diffusion model is trained (Ray Train, DDP)."""
+
+    steps: int = Field(3000, ge=1)  # optimizer steps
+    batch_size: int = Field(64, ge=1)  # global batch per optimizer step
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # used on GPU only
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    min_snr_gamma: float | None = Field(None, gt=0.0)
+    class_weighting: Literal["sampling", "loss"] = "sampling"
+    num_workers: int = Field(1, ge=0)  # 0: in-process (tests)
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    threads_per_worker: int | None = Field(None, ge=1)  # None: node CPUs / workers on the node
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(100, ge=1)
+    fail_at_step: int | None = Field(None, ge=1)  # testing: raise once at this step if ...
+    fail_flag: str | None = None  # ... this file exists (it is removed first)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        per_step = max(1, self.num_workers) * self.grad_accum
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be a multiple of "
+                f"max(1, train.num_workers) * train.grad_accum = {per_step}"
+            )
+        if (self.fail_at_step is None) != (self.fail_flag is None):
+            raise ValueError("train.fail_at_step and train.fail_flag are set together")
+        return self
+
+
 class Config(Section):
     """The whole pipeline."""
 
@@ -85,6 +161,8 @@ class Config(Section):
     data: DataConfig = DataConfig()
     embed: EmbedConfig = EmbedConfig()
     select: SelectConfig = SelectConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
 
     def digest(self) -> str:
         """A stable hash of the whole config."""

@@ -39,6 +39,13 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("embed", "dedt_ray.embed:run", ("seed", "data", "embed")),
+        Stage(
+            "select",
+            "dedt_ray.selection.stage:run",
+            ("select",),
+            inputs=("embed",),
+            enabled=lambda cfg: cfg.select.enabled,
+        ),
     ]
 }
 

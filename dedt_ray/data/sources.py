@@ -317,3 +317,20 @@ def _parquet(cfg: DataConfig) -> Source:
         _parquet_rows, fn_kwargs={"cfg": cfg, "root": base, "skip_log": skip_log}, batch_size=1
     )
     return Source(ds, None, skip_log, info={"inputs": total})
+
+
+def fetch_images(cfg: DataConfig, ids: set[str]) -> dict[str, np.ndarray]:
+    """A few images by id: read directly for folders, else by filtering the source stream."""
+    if cfg.source == "image_folder":
+        fs, root = _filesystem(cfg.path)
+        out = {}
+        for rid in ids:
+            try:
+                with fs.open_input_file(posixpath.join(root, rid)) as f:
+                    out[rid] = decode(f.read(), cfg.image_size, cfg.mode)
+            except (OSError, BadImage):
+                continue
+        return out
+    wanted = set(ids)
+    ds = open_source(cfg).dataset.filter(lambda row: row["id"] in wanted)
+    return {row["id"]: row["image"] for row in ds.take_all()}

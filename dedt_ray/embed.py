@@ -1,0 +1,112 @@
+"""Stage `embed`: stream images through a frozen surrogate encoder with Ray Data.
+
+source (read + decode, CPU tasks) -> resize to the encoder's input (CPU tasks) ->
+encoder (actor pool, GPUs when the cluster has them) -> embed/embeddings.parquet
+(id, label, embedding: fixed_size_list<float32>).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray.data
+
+from dedt_ray.config import Config
+from dedt_ray.data import open_source
+from dedt_ray.encoders import build_encoder, build_preprocessor
+from dedt_ray.runtime import cluster_gpus
+from dedt_ray.store import RunStore
+
+EMBEDDINGS = "embeddings.parquet"
+
+
+def embedding_table(ids, labels, embeddings: np.ndarray) -> pa.Table:
+    """The embeddings schema: id, label, embedding as fixed_size_list<float32>."""
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    values = pa.array(emb.reshape(-1), type=pa.float32())
+    return pa.table(
+        {
+            "id": pa.array(list(ids), type=pa.string()),
+            "label": pa.array(np.asarray(labels, dtype=np.int64)),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1]),
+        }
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocessor(name: str, model: str | None, in_channels: int, image_size: int):
+    return build_preprocessor(name, model, in_channels, image_size)
+
+
+def _resize(batch: dict[str, np.ndarray], **model_args: Any) -> dict[str, np.ndarray]:
+    """CPU task: resize to the encoder's input so the actor only normalises and encodes."""
+    return {**batch, "image": _preprocessor(**model_args).resize(batch["image"])}
+
+
+class _Encode:
+    """One encoder replica on an actor; uses the GPU Ray assigned to it, if any."""
+
+    def __init__(self, use_gpu: bool, **kwargs: Any):
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.encoder = build_encoder(device=device, **kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return embedding_table(batch["id"], batch["label"], self.encoder(batch["image"]))
+
+
+def read_embeddings(store: RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, embeddings float32 [N, D]) from a completed embed stage."""
+    table = pads.dataset(store.uri(store.path("embed", EMBEDDINGS)), format="parquet").to_table()
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return (
+        np.asarray(table.column("id").to_pylist(), dtype=object),
+        table.column("label").to_numpy(),
+        matrix,
+    )
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    data, emb = cfg.data, cfg.embed
+    source = open_source(data)
+    in_channels = 1 if data.mode == "L" else 3
+    model_args = {
+        "name": emb.encoder,
+        "model": emb.model,
+        "in_channels": in_channels,
+        "image_size": data.image_size,
+    }
+    gpus = emb.gpus_per_actor if emb.gpus_per_actor is not None else min(1.0, cluster_gpus())
+    ds = source.dataset.map_batches(_resize, fn_kwargs=model_args, batch_size=emb.batch_size)
+    ds = ds.map_batches(
+        _Encode,
+        fn_constructor_kwargs={"use_gpu": gpus > 0, "dim": emb.dim, "seed": cfg.seed, **model_args},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=emb.actors),
+        num_gpus=gpus,
+        batch_size=emb.batch_size,
+        batch_format="numpy",
+    )
+    out = store.path("embed", EMBEDDINGS)
+    ds.write_parquet(store.uri(out), max_rows_per_file=emb.rows_per_file, mode="overwrite")
+
+    written = pads.dataset(store.uri(out), format="parquet")
+    rows = written.count_rows()
+    dim = written.schema.field("embedding").type.list_size
+    skipped = source.skipped()
+    store.write_json({"classes": source.classes}, "embed", "classes.json")
+    summary = f"{rows} images embedded with {emb.encoder} (dim {dim}), {len(skipped)} skipped"
+    return {
+        "rows": rows,
+        "skipped": len(skipped),
+        "skipped_examples": [{"id": i, "reason": r} for i, r in skipped[:20]],
+        "dim": dim,
+        "classes": source.classes,
+        "summary": summary,
+    }
