@@ -1,0 +1,114 @@
+"""Surrogate encoders by name: images -> embeddings for the selection criteria.
+
+Two halves, so the resize can run in its own CPU map without loading any weights:
+
+    pre = build_preprocessor(name, model, in_channels, image_size)  # no weights, JSON at most
+    pre.resize(uint8 [N, H, W, C]) -> uint8 [N, pre.input_size, pre.input_size, C']
+    enc = build_encoder(name, model, dim, in_channels, image_size, device="cpu", seed=0)
+    enc(enc.resize(images)) -> float32 [N, enc.dim]
+
+C' is 3 for RGB networks (grey images are repeated) and C otherwise. `dim` is the width for
+`random_projection`, a budget for `pixels` (C * s * s <= dim) and ignored by the pretrained
+networks, whose width is their own (`enc.dim`). `model` is a local path or a Hugging Face
+hub-cache name (for `inception`, a weights file path or a name in the torch hub cache); nothing
+is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from torch import nn
+
+from dedt_ray.encoders import hf, inception, pixels, vae
+from dedt_ray.encoders.base import Encoder, Preprocessor
+
+__all__ = [
+    "ENCODERS",
+    "Encoder",
+    "EncoderSpec",
+    "Preprocessor",
+    "build_encoder",
+    "build_preprocessor",
+]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """preprocessor(model, in_channels, image_size) and network(model, preprocessor, dim, seed)
+    -> (module taking normalised NCHW float images, output width)."""
+
+    description: str
+    preprocessor: Callable[[str | None, int, int], Preprocessor]
+    network: Callable[[str | None, Preprocessor, int, int], tuple[nn.Module, int]]
+    needs_model: bool = True
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "pixels": EncoderSpec(
+        "pixels in [0, 1], area-pooled to fit dim, flattened",
+        pixels.preprocessor,
+        pixels.pixels,
+        needs_model=False,
+    ),
+    "random_projection": EncoderSpec(
+        "seeded Gaussian (Johnson-Lindenstrauss) projection of the pixels to dim",
+        pixels.preprocessor,
+        pixels.random_projection,
+        needs_model=False,
+    ),
+    "clip": EncoderSpec(
+        "CLIP image tower: projected image embeds",
+        partial(hf.preprocessor, "clip"),
+        partial(hf.network, "clip"),
+    ),
+    "dinov2": EncoderSpec(
+        "DINOv2: CLS token", partial(hf.preprocessor, "dinov2"), partial(hf.network, "dinov2")
+    ),
+    "vit": EncoderSpec(
+        "ViT: CLS token", partial(hf.preprocessor, "vit"), partial(hf.network, "vit")
+    ),
+    "inception": EncoderSpec(
+        "Inception-v3 pool3 (2048-d): pytorch-fid's network and weights file",
+        inception.preprocessor,
+        inception.network,
+    ),
+    "vae": EncoderSpec("AutoencoderKL latent mean, flattened", vae.preprocessor, vae.network),
+}
+
+
+def _spec(name: str, model: str | None) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    spec = ENCODERS[name]
+    if spec.needs_model and not model:
+        raise ValueError(f"encoder {name!r} needs a model: a local path or a hub-cache name")
+    return spec
+
+
+def build_preprocessor(
+    name: str, model: str | None, in_channels: int, image_size: int
+) -> Preprocessor:
+    """The encoder's resize and normalisation constants, without loading weights."""
+    return _spec(name, model).preprocessor(model, in_channels, image_size)
+
+
+def build_encoder(
+    name: str,
+    model: str | None,
+    dim: int,
+    in_channels: int,
+    image_size: int,
+    device: str = "cpu",
+    seed: int = 0,
+    autocast: str | None = None,
+) -> Encoder:
+    """Load encoder `name` onto `device`; `autocast` ("bf16"/"fp16") runs it in mixed precision."""
+    spec = _spec(name, model)
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    pre = spec.preprocessor(model, in_channels, image_size)
+    network, width = spec.network(model, pre, dim, seed)
+    return Encoder(pre, network, width, device=device, autocast=autocast)
