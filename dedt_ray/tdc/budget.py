@@ -1,0 +1,85 @@
+"""FLOPs budgets per timestep group (TDC step 3) and FLOPs measurement.
+
+``FLOPs_g(i) = (i/N + (N - i)/N * k) * F`` for ``i = 1..N``: ``i = N`` is the full model ``F``,
+``i = 1`` the smallest, ``(1/N + (N-1)/N * k) * F``. By default the noisiest group gets the
+smallest model (``smallest="noisiest"``), as T-Stitch / OMS-DPM suggest; ``"cleanest"`` flips it.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass at batch
+1 (a multiply-add counts 2). Attention runs on PyTorch's math backend while counting: the fused
+CPU flash-attention kernel is not counted by ``FlopCounterMode``, the math path is.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def group_budgets(
+    n_groups: int,
+    k: float,
+    base_flops: float,
+    smallest: Literal["noisiest", "cleanest"] = "noisiest",
+) -> list[float]:
+    """FLOPs budget of each group, in group order (group 0 = least noisy)."""
+    if not isinstance(n_groups, int) or n_groups < 1:
+        raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k (smallest relative size) must be in (0, 1], got {k}")
+    if base_flops <= 0:
+        raise ValueError(f"base_flops must be positive, got {base_flops}")
+    n = n_groups
+    by_size = [(i / n + (n - i) / n * k) * base_flops for i in range(1, n + 1)]  # ascending
+    if smallest == "noisiest":
+        return by_size[::-1]
+    if smallest == "cleanest":
+        return by_size
+    raise ValueError(f"smallest must be 'noisiest' or 'cleanest', got {smallest!r}")
+
+
+def example_inputs(
+    model: torch.nn.Module,
+    sample_size: int | tuple[int, int] | None = None,
+    in_channels: int | None = None,
+    class_conditional: bool | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Batch-1 keyword inputs for a UNet2DModel; unset arguments come from ``model.config``."""
+    config = model.config
+    size = sample_size if sample_size is not None else config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels = in_channels if in_channels is not None else config.in_channels
+    if class_conditional is None:
+        class_conditional = config.num_class_embeds is not None
+    device = next(model.parameters()).device
+    return {
+        "sample": torch.zeros(1, channels, height, width, device=device),
+        "timestep": torch.ones(1, dtype=torch.long, device=device),
+        "class_labels": torch.zeros(1, dtype=torch.long, device=device)
+        if class_conditional
+        else None,
+    }
+
+
+def count_flops(model: torch.nn.Module, inputs: dict[str, torch.Tensor | None]) -> FlopCounterMode:
+    """Run ``model(**inputs)`` under a FlopCounterMode and return it (totals and per module)."""
+    with (
+        FlopCounterMode(display=False) as counter,
+        torch.no_grad(),
+        sdpa_kernel(SDPBackend.MATH),
+    ):
+        model(**inputs)
+    return counter
+
+
+def model_flops(
+    model: torch.nn.Module,
+    sample_size: int | tuple[int, int] | None = None,
+    in_channels: int | None = None,
+    class_conditional: bool | None = None,
+) -> int:
+    """FLOPs of one forward pass (batch 1) at the training resolution."""
+    inputs = example_inputs(model, sample_size, in_channels, class_conditional)
+    return int(count_flops(model, inputs).get_total_flops())
