@@ -105,7 +105,7 @@ def _digits(cfg: DataConfig) -> Source:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # as in fetch_images
     ids = [f"digits/{i:05d}" for i in range(len(images))]
     return _from_arrays(ids, digits.target, images, cfg, [str(c) for c in range(10)])
 
@@ -320,7 +320,16 @@ def _parquet(cfg: DataConfig) -> Source:
 
 
 def fetch_images(cfg: DataConfig, ids: set[str]) -> dict[str, np.ndarray]:
-    """A few images by id: read directly for folders, else by filtering the source stream."""
+    """A few images by id: read directly for digits and folders, else by filtering the stream."""
+    if cfg.source == "digits":
+        from sklearn.datasets import load_digits
+
+        images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+        return {
+            rid: conform_array(images[int(rid.split("/")[1])], cfg.image_size, cfg.mode)
+            for rid in ids
+            if rid.startswith("digits/")
+        }
     if cfg.source == "image_folder":
         fs, root = _filesystem(cfg.path)
         out = {}
