@@ -23,7 +23,10 @@ def _stage_names() -> list[str]:
 
 def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    common.add_argument(
+        "--config",
+        help="YAML config file (default: the run directory's config.yaml, else built-in defaults)",
+    )
     common.add_argument(
         "--run-dir", help="run directory, local path or s3:// / gs:// URI (default: runs/<config>)"
     )
@@ -32,8 +35,12 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     sub.add_parser("run", parents=[common], help="run every enabled stage in DAG order")
+    sub.add_parser("tune", parents=[common], help="Ray Tune + Optuna sweep (docs/tune.md)")
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
+    from dedt_ray.diffusion.sample import add_sample_parser
+
+    add_sample_parser(sub)
     return parser
 
 
@@ -41,23 +48,43 @@ def default_run_dir(config: str | None) -> str:
     return str(Path("runs") / (Path(config).stem if config else "default"))
 
 
+def base_config(config: str | None, run_dir: str | None) -> str | None:
+    """--config, else the config.yaml an earlier command wrote into a local --run-dir."""
+    if config is None and run_dir and "://" not in run_dir:
+        saved = Path(run_dir) / "config.yaml"
+        if saved.is_file():
+            return str(saved)
+    return config
+
+
 def check_inputs(cfg: Config) -> None:
     """Cheap checks of local input paths, so a typo fails before any cluster work."""
     path = cfg.data.path
     if path and "://" not in path and not Path(path).exists():
         raise ConfigError(f"data.path: {path} does not exist")
+    from dedt_ray.reweight.checks import check_reweight
+
+    check_reweight(cfg)  # reference.pretrained is a diffusers UNet folder; batch sizes
 
 
 def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="dedt-ray | %(message)s", stream=sys.stderr)
+    if args.command == "sample":
+        from dedt_ray.diffusion.sample import main as sample_main
+
+        return sample_main(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(base_config(args.config, args.run_dir), args.overrides)
         check_inputs(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    if args.command == "tune":
+        from dedt_ray.tune import main as tune_main
+
+        return tune_main(cfg, args.run_dir or default_run_dir(args.config))
     from dedt_ray.pipeline import run_pipeline
     from dedt_ray.store import RunStore
 

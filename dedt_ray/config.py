@@ -54,6 +54,7 @@ class EmbedConfig(Section):
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)
     gpus_per_actor: float | None = Field(None, ge=0.0, le=8.0)  # None: 1 if the cluster has GPUs
+    threads_per_actor: int | None = Field(None, ge=1)  # CPU encoders; None: CPUs / actors
     rows_per_file: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
@@ -82,7 +83,7 @@ class ModelConfig(Section):
     """The diffusion model (diffusers UNet2DModel + DDPMScheduler)."""
 
     sample_size: int | None = Field(None, ge=4)  # None: data.image_size (or the latent size)
-    block_out_channels: list[int] = [32, 64, 64]
+    block_out_channels: list[int] = [16, 32, 64]
     layers_per_block: int = Field(1, ge=1)
     attention_levels: list[bool] | None = None  # per block; None: attention in the last one
     attention_head_dim: int = Field(8, ge=1)
@@ -118,7 +119,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """How a diffusion model is trained (Ray Train, DDP)."""
 
-    steps: int = Field(3000, ge=1)  # optimizer steps
+    steps: int = Field(1500, ge=1)  # optimizer steps
     batch_size: int = Field(64, ge=1)  # global batch per optimizer step
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -154,6 +155,134 @@ class TrainConfig(Section):
         return self
 
 
+class ReferenceConfig(Section):
+    """The reference DM that DRO reweighting compares against (stage `reference`)."""
+
+    pretrained: str | None = None  # diffusers UNet2DModel folder (or one with unet/); None: train
+    data: Literal["subset", "full"] = "subset"  # what a trained reference learns from
+    steps: int | None = Field(None, ge=1)  # None: 3.5% of train.steps
+    batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
+
+
+class ReweightConfig(Section):
+    """Group DRO class weights (DoReMi) from a proxy DM trained against the reference."""
+
+    enabled: bool = True
+    eta: float = Field(1.0, gt=0.0)  # exponentiated-gradient step size
+    smoothing: float = Field(1e-3, ge=0.0, lt=1.0)  # mix with uniform: (1 - c) a + c / K
+    steps: int | None = Field(None, ge=1)  # proxy steps; None: 3.5% of train.steps
+    batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
+
+
+class EvaluateConfig(Section):
+    """Sampling the trained model and measuring it against the real images (stage `evaluate`)."""
+
+    samples_per_class: int = Field(100, ge=1)
+    num_samples: int | None = Field(None, ge=1)  # unconditional; None: samples_per_class x classes
+    num_inference_steps: int = Field(50, ge=1)
+    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    guidance_scale: float = Field(1.0, ge=0.0)  # 1: no classifier-free guidance
+    feature_space: Literal["auto", "inception", "classifier"] = "auto"
+    inception_weights: str | None = "pt_inception-2015-12-05-6726825d.pth"  # path or hub-cache name
+    classifier_epochs: int = Field(10, ge=1)
+    classifier_max_images: int = Field(50_000, ge=10)
+    max_real: int | None = Field(None, ge=2)  # real images measured (None: the whole source)
+    manifold_samples: int = Field(10_000, ge=2)  # per side, for precision/recall/density/coverage
+    nearest_k: int = Field(5, ge=1)
+    batch_size: int = Field(256, ge=1)  # images per sampling call (one share) / feature batch
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float | None = Field(None, ge=0.0, le=8.0)  # None: 1 if the cluster has GPUs
+    grid_columns: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class TDCConfig(Section):
+    """Timestep divide-and-conquer (stage `tdc`): per-group pruned denoisers from `train`."""
+
+    enabled: bool = False
+    n_groups: int = Field(2, ge=1)
+    rule: Literal["equal_snr", "quantile", "explicit"] = "quantile"
+    boundaries: list[float] | None = None  # rule=explicit: n_groups - 1 cut points
+    boundary_unit: Literal["timestep", "snr_db"] = "timestep"
+    k: float = Field(0.5, gt=0.0, le=1.0)  # smallest group's relative FLOPs
+    smallest: Literal["noisiest", "cleanest"] = "noisiest"
+    proxy: Literal["optuna", "llm"] = "optuna"
+    rounds: int = Field(4, ge=1)  # proxy rounds per group
+    llm_base_url: str | None = None  # OpenAI-compatible endpoint (proxy=llm)
+    llm_model: str | None = None
+    llm_api_key_env: str | None = None  # environment variable holding the key
+    score_steps: int = Field(20, ge=0)  # fine-tune steps when scoring a candidate
+    score_images: int = Field(256, ge=4)  # images for Taylor importance and scoring
+    finetune_steps: int = Field(500, ge=1)  # stage 2 steps per group (train.* otherwise)
+
+    @model_validator(mode="after")
+    def _check(self) -> TDCConfig:
+        if self.rule == "explicit" and (
+            self.boundaries is None or len(self.boundaries) != self.n_groups - 1
+        ):
+            raise ValueError("tdc.rule=explicit needs tdc.boundaries with n_groups - 1 entries")
+        if self.proxy == "llm" and not (self.llm_base_url and self.llm_model):
+            raise ValueError("tdc.proxy=llm needs tdc.llm_base_url and tdc.llm_model")
+        return self
+
+
+class TuneParam(Section):
+    """One searched parameter (a dotted config key); see docs/tune.md."""
+
+    type: Literal["float", "int", "categorical", "cuts"] = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None  # categorical
+    count_from: str | None = None  # cuts: the int parameter n; n - 1 sorted cut points
+    scale: str | None = None  # cuts: multiply the (0, 1) cuts by this config key, as ints
+    also: dict[str, Any] = {}  # fixed dotted overrides applied with this parameter
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneParam:
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("a categorical tune parameter needs choices")
+        if self.type != "categorical" and (self.low is None or self.high is None):
+            raise ValueError(f"a {self.type} tune parameter needs low and high")
+        if self.type == "cuts" and not self.count_from:
+            raise ValueError("a cuts tune parameter needs count_from (e.g. tdc.n_groups)")
+        return self
+
+
+class AshaConfig(Section):
+    """Early stopping of trials on the reported training loss (ASHA)."""
+
+    enabled: bool = True
+    grace_period: int = Field(2, ge=1)  # reports before a trial can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class TuneConfig(Section):
+    """Ray Tune + Optuna sweeps (`dedt-ray tune`); see docs/tune.md."""
+
+    space: dict[str, TuneParam] = {
+        "select.keep_ratio": TuneParam(low=0.2, high=1.0),
+        "select.criterion": TuneParam(
+            type="categorical", choices=["gaussian", "knn", "moderate", "random"]
+        ),
+    }
+    num_samples: int = Field(12, ge=1)
+    metric: str = "quality"  # "quality": evaluate's main metric; or a key of its metrics
+    mode: Literal["min", "max"] = "min"
+    multi_objective: bool = False  # also minimise compute (train FLOPs): a Pareto front
+    max_concurrent: int | None = Field(None, ge=1)  # None: from the cluster's CPUs/GPUs
+    cpus_per_trial: float = Field(0.0, ge=0.0)  # the waiting trial function itself
+    seed: int = 0
+    asha: AshaConfig = AshaConfig()
+    trial_overrides: list[str] = []  # dotted overrides of every trial (its budget)
+
+
+class ReportConfig(Section):
+    """The run's report.html."""
+
+    baseline_run: str | None = None  # run directory of the full-data baseline, to compare compute
+
+
 class Config(Section):
     """The whole pipeline."""
 
@@ -163,6 +292,12 @@ class Config(Section):
     select: SelectConfig = SelectConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    reweight: ReweightConfig = ReweightConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tdc: TDCConfig = TDCConfig()
+    tune: TuneConfig = TuneConfig()
+    report: ReportConfig = ReportConfig()
 
     def digest(self) -> str:
         """A stable hash of the whole config."""

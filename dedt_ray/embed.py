@@ -8,6 +8,7 @@ encoder (actor pool, GPUs when the cluster has them) -> embed/embeddings.parquet
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import ray.data
 
-from dedt_ray.config import Config
+from dedt_ray.config import Config, EmbedConfig
 from dedt_ray.data import open_source
 from dedt_ray.encoders import build_encoder, build_preprocessor
 from dedt_ray.runtime import cluster_gpus
@@ -50,10 +51,12 @@ def _resize(batch: dict[str, np.ndarray], **model_args: Any) -> dict[str, np.nda
 class _Encode:
     """One encoder replica on an actor; uses the GPU Ray assigned to it, if any."""
 
-    def __init__(self, use_gpu: bool, **kwargs: Any):
+    def __init__(self, use_gpu: bool, threads: int, **kwargs: Any):
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # Ray pins actors to 1 thread; the encoder is the hot loop
+            torch.set_num_threads(threads)
         self.encoder = build_encoder(device=device, **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -73,26 +76,40 @@ def read_embeddings(store: RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray
     )
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
-    data, emb = cfg.data, cfg.embed
-    source = open_source(data)
-    in_channels = 1 if data.mode == "L" else 3
+def embed_dataset(
+    ds: ray.data.Dataset, emb: EmbedConfig, in_channels: int, image_size: int, seed: int = 0
+) -> ray.data.Dataset:
+    """id/label/image rows -> id/label/embedding rows: CPU resize tasks, then encoder actors."""
     model_args = {
         "name": emb.encoder,
         "model": emb.model,
         "in_channels": in_channels,
-        "image_size": data.image_size,
+        "image_size": image_size,
     }
     gpus = emb.gpus_per_actor if emb.gpus_per_actor is not None else min(1.0, cluster_gpus())
-    ds = source.dataset.map_batches(_resize, fn_kwargs=model_args, batch_size=emb.batch_size)
-    ds = ds.map_batches(
+    threads = emb.threads_per_actor or max(1, (os.cpu_count() or 1) // emb.actors)
+    ds = ds.map_batches(_resize, fn_kwargs=model_args, batch_size=emb.batch_size)
+    return ds.map_batches(
         _Encode,
-        fn_constructor_kwargs={"use_gpu": gpus > 0, "dim": emb.dim, "seed": cfg.seed, **model_args},
+        fn_constructor_kwargs={
+            "use_gpu": gpus > 0,
+            "threads": threads,
+            "dim": emb.dim,
+            "seed": seed,
+            **model_args,
+        },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=emb.actors),
         num_gpus=gpus,
         batch_size=emb.batch_size,
         batch_format="numpy",
     )
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    data, emb = cfg.data, cfg.embed
+    source = open_source(data)
+    in_channels = 1 if data.mode == "L" else 3
+    ds = embed_dataset(source.dataset, emb, in_channels, data.image_size, cfg.seed)
     out = store.path("embed", EMBEDDINGS)
     ds.write_parquet(store.uri(out), max_rows_per_file=emb.rows_per_file, mode="overwrite")
 

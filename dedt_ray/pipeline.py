@@ -29,6 +29,10 @@ class Stage:
     sections: tuple[str, ...]  # config sections the stage's output depends on
     inputs: tuple[str, ...] = ()  # upstream stages whose artifacts it reads
     enabled: Callable[[Config], bool] = lambda cfg: True
+    # upstream stages it reads when the config enables them and they ran (their output then
+    # joins the key, so a changed upstream output reruns this stage)
+    optional: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
+    always: bool = False  # rerun every time (the report reads every stage)
 
     def load(self) -> Callable[[Config, RunStore], dict[str, Any]]:
         module, func = self.target.split(":")
@@ -46,6 +50,52 @@ STAGES: dict[str, Stage] = {
             inputs=("embed",),
             enabled=lambda cfg: cfg.select.enabled,
         ),
+        Stage(
+            "latents",
+            "dedt_ray.diffusion.latents:run",
+            ("data", "model"),
+            enabled=lambda cfg: cfg.model.latent,
+        ),
+        Stage(
+            "reference",
+            "dedt_ray.reweight.reference:run",
+            ("seed", "data", "model", "train", "reference"),
+            enabled=lambda cfg: cfg.reweight.enabled,
+            optional=lambda cfg: (
+                ("select",)
+                if cfg.reference.data == "subset" and not cfg.reference.pretrained
+                else ()
+            ),
+        ),
+        Stage(
+            "reweight",
+            "dedt_ray.reweight.stage:run",
+            ("seed", "data", "model", "train", "reweight"),
+            inputs=("reference",),
+            enabled=lambda cfg: cfg.reweight.enabled,
+            optional=lambda cfg: ("select",),
+        ),
+        Stage(
+            "train",
+            "dedt_ray.diffusion.train:run",
+            ("seed", "data", "model", "train"),
+            optional=lambda cfg: ("select", "reweight", "latents"),
+        ),
+        Stage(
+            "tdc",
+            "dedt_ray.tdc.stage:run",
+            ("seed", "data", "model", "train", "tdc"),
+            inputs=("train",),
+            enabled=lambda cfg: cfg.tdc.enabled,
+        ),
+        Stage(
+            "evaluate",
+            "dedt_ray.evaluate.stage:run",
+            ("data", "evaluate", "tdc"),  # tdc: the routed model is evaluated when enabled
+            inputs=("train",),
+            optional=lambda cfg: ("tdc",) if cfg.tdc.enabled else (),
+        ),
+        Stage("report", "dedt_ray.report:run", ("report",), always=True),
     ]
 }
 
@@ -60,6 +110,17 @@ def stage_key(stage: Stage, cfg: Config, store: RunStore) -> dict[str, Any]:
                 f"stage {stage.name!r} needs {name!r} first: run `dedt-ray {name}` "
                 f"or `dedt-ray run` with the same --run-dir"
             )
+        inputs[name] = upstream["output_id"]
+    for name in stage.optional(cfg):
+        if not STAGES[name].enabled(cfg):
+            continue
+        upstream = store.manifest(name)
+        if upstream is None:
+            log.warning(
+                "%s: %s is enabled but has not run in this run directory; running without "
+                "its output (`dedt-ray run` runs every stage in order)", stage.name, name,
+            )  # fmt: skip
+            continue
         inputs[name] = upstream["output_id"]
     sections = {
         s: (
@@ -78,7 +139,7 @@ def run_stage(name: str, cfg: Config, store: RunStore, force: bool = False) -> d
     stage = STAGES[name]
     key = stage_key(stage, cfg, store)
     previous = store.manifest(name)
-    if previous is not None and previous.get("key") == key["key"] and not force:
+    if previous is not None and previous.get("key") == key["key"] and not (force or stage.always):
         log.info("%s: up to date (%s rows), skipped; --force reruns it", name, previous.get("rows"))
         return {**previous, "skipped_stage": True}
 

@@ -32,9 +32,15 @@ def test_embed_stage_each_id_once_and_skip_on_rerun(ray_cluster, tmp_path):
     root = _folder(tmp_path)
     cfg = load_config(
         None,
-        ["data.source=image_folder", f"data.path={root}", "data.image_size=8",
-         "embed.encoder=random_projection", "embed.dim=16", "embed.batch_size=4",
-         "embed.rows_per_file=6"],
+        [
+            "data.source=image_folder",
+            f"data.path={root}",
+            "data.image_size=8",
+            "embed.encoder=random_projection",
+            "embed.dim=16",
+            "embed.batch_size=4",
+            "embed.rows_per_file=6",
+        ],
     )
     store = RunStore(str(tmp_path / "run"))
     manifest = run_stage("embed", cfg, store)
@@ -66,8 +72,16 @@ def test_embed_stage_each_id_once_and_skip_on_rerun(ray_cluster, tmp_path):
 
 def test_cli_embed_on_digits(ray_cluster, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["embed", "--config", "configs/default.yaml", "--run-dir", str(run_dir),
-            "embed.encoder=pixels", "embed.dim=64", "data.image_size=8"]
+    argv = [
+        "embed",
+        "--config",
+        "configs/default.yaml",
+        "--run-dir",
+        str(run_dir),
+        "embed.encoder=pixels",
+        "embed.dim=64",
+        "data.image_size=8",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "1797 images embedded" in out

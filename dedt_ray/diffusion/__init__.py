@@ -1,0 +1,9 @@
+"""Diffusion models: factory, loss and step (pure core), sampler, export, Ray Train stage.
+
+Pure modules (no Ray): `models` (UNet2DModel / DDPMScheduler from config), `core`
+(timesteps, SNR, per-sample `denoising_loss`, `train_step`, FLOPs), `stream` (seeded,
+resumable class-weighted index stream), `state` (safetensors + JSON training state),
+`sampling` (`generate`), `export` (diffusers layout). Ray shells: `train` (stage `train`),
+`latents` (stage `latents`), `sample` (`dedt-ray sample`). Nothing is imported here, so
+`dedt-ray --help` stays fast.
+"""

@@ -1,0 +1,234 @@
+"""The training step, on one screen (pure torch + diffusers, no Ray).
+
+Reusable pieces for other trainers: `sample_timesteps` (optionally inside [t_lo, t_hi), for
+TDC group fine-tunes), `denoising_loss` (per-sample losses, e.g. proxy vs reference on the
+same (x_t, t, noise) for DRO), `snr` / `min_snr_weight`, and `train_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+)
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What the loss depends on besides model and data."""
+
+    label_dropout: float = 0.0
+    null_class: int | None = None  # label index for "no class"; None: unconditional
+    min_snr_gamma: float | None = None
+    t_range: tuple[int, int] | None = None  # train only on timesteps in [t_lo, t_hi)
+
+
+def sample_timesteps(
+    n: int,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    t_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Uniform integer timesteps in [0, T) or in `t_range` = [t_lo, t_hi)."""
+    lo, hi = t_range if t_range is not None else (0, num_train_timesteps)
+    if not 0 <= lo < hi <= num_train_timesteps:
+        raise ValueError(
+            f"t_range {t_range} must satisfy 0 <= t_lo < t_hi <= {num_train_timesteps}"
+        )
+    return torch.randint(lo, hi, (n,), generator=generator, device=device, dtype=torch.long)
+
+
+def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio abar_t / (1 - abar_t) at integer timesteps `t`."""
+    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    return abar / (1.0 - abar)
+
+
+def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon or v prediction targets."""
+    clipped = torch.clamp(snr_t, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1.0)
+    raise ValueError(f"min-SNR weighting is not defined for prediction_type={prediction_type!r}")
+
+
+def drop_labels(
+    labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replace each label by `null_class` with probability `p` (classifier-free guidance)."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def denoising_loss(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample MSE [B] between the model output at (x_t, t) and the scheduler's target."""
+    x_t = scheduler.add_noise(x0, noise, t)
+    pred = model(x_t, t, class_labels=labels).sample
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def training_loss(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    sample_weights: torch.Tensor | None,
+    generator: torch.Generator | None,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """Scalar loss of one micro-batch: draw t and noise, drop labels, weight, average."""
+    n = x0.shape[0]
+    t = sample_timesteps(n, scheduler.config.num_train_timesteps, generator, x0.device, cfg.t_range)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if labels is not None and cfg.null_class is not None:
+        labels = drop_labels(labels, cfg.label_dropout, cfg.null_class, generator)
+    per_sample = denoising_loss(model, scheduler, x0, labels, t, noise)
+    if cfg.min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(
+            snr(scheduler, t), cfg.min_snr_gamma, scheduler.config.prediction_type
+        )
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights
+    return per_sample.mean()
+
+
+@dataclass
+class Precision:
+    """Autocast + (for fp16) gradient scaling; a no-op on CPU or with mode "no"."""
+
+    mode: str = "no"
+    device_type: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.enabled = self.mode != "no" and self.device_type == "cuda"
+        self.dtype = torch.bfloat16 if self.mode == "bf16" else torch.float16
+        use_scaler = self.enabled and self.mode == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to 0 at `total_steps` or constant."""
+    if kind == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    raise ValueError(f"lr schedule must be 'cosine' or 'constant', got {kind!r}")
+
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # x0, labels, weights
+
+
+def train_step(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[MicroBatch],
+    generator: torch.Generator | None,
+    loss_cfg: LossConfig,
+    grad_clip: float | None = None,
+    precision: Precision | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One optimizer step over `micro_batches` (gradient accumulation; DDP syncs on the last).
+
+    `loss_fn` replaces `training_loss` (same signature), e.g. the DRO proxy loss.
+    Returns the mean loss as a detached 0-d tensor (no host sync).
+    """
+    loss_fn = loss_fn or training_loss
+    precision = precision or Precision()
+    scaler = precision.scaler
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    last = len(micro_batches) - 1
+    for i, (x0, labels, weights) in enumerate(micro_batches):
+        no_sync = isinstance(model, DistributedDataParallel) and i < last
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with precision.autocast():
+                loss = loss_fn(model, scheduler, x0, labels, weights, generator, loss_cfg)
+            loss = loss / len(micro_batches)
+            (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    return total
+
+
+def count_step_flops(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+) -> int:
+    """Forward + backward FLOPs of one micro-batch of this shape (torch FlopCounterMode).
+
+    Runs one extra pass on the given module and clears its gradients afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        t = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device) + 1
+        loss = denoising_loss(model, scheduler, x0, labels, t, torch.randn_like(x0)).mean()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def iterate_micro_batches(
+    x: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None, size: int
+) -> Iterator[MicroBatch]:
+    """Split one rank's step batch into micro-batches of `size` rows."""
+    for i in range(0, x.shape[0], size):
+        yield (
+            x[i : i + size],
+            labels[i : i + size] if labels is not None else None,
+            weights[i : i + size] if weights is not None else None,
+        )

@@ -1,0 +1,400 @@
+"""Stage `evaluate`: sample the exported model on Ray actors and measure it against the real data.
+
+1. Feature space: Inception-v3 pool3 from a local weights file (FID), else - or when
+   `evaluate.feature_space=classifier` - a small CNN trained on the real images (a Ray task;
+   cached under `<run>/classifier/<name>-<key>/`, reused on rerun), giving `FD_<name>`.
+2. Real features: source -> feature network (Ray Data actor pool) -> streaming statistics.
+3. Generated features: label shares -> `ShareSampler` actors (ray.util.ActorPool, a GPU
+   each when the cluster has them) -> streaming statistics + grid images.
+4. evaluate/metrics.json, per_class.json, samples.png.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import ray.util
+
+from dedt_ray.config import Config, hash_json
+from dedt_ray.data import open_source
+from dedt_ray.evaluate.classifier import config_bytes, to_bytes, train_classifier
+from dedt_ray.evaluate.features import (
+    INCEPTION,
+    FeatureExtractor,
+    FeatureSpace,
+    classifier_name,
+)
+from dedt_ray.evaluate.generation import ShareSampler, plan_shares, samples_grid
+from dedt_ray.evaluate.streaming import (
+    FeatureAccumulator,
+    Reservoir,
+    compute_metrics,
+    id_keys,
+    json_number,
+)
+from dedt_ray.runtime import cluster_gpus
+from dedt_ray.store import RunStore
+
+log = logging.getLogger("dedt_ray")
+
+MODEL = ("train", "model")
+ROUTED = ("tdc", "model")  # the TDC routed export, evaluated instead when tdc is enabled
+METRICS, PER_CLASS, SAMPLES = "metrics.json", "per_class.json", "samples.png"
+CLASSIFIER_DIR = "classifier"
+# per-class statistics hold a D x D matrix per class and side; above this, they are skipped
+PER_CLASS_BYTES = 4 * 2**30
+GRID_CELL_PX = 32  # samples.png enlarges small images to about this many pixels
+
+
+# -- model info ----------------------------------------------------------------------------
+def model_parts(cfg: Config, store: RunStore) -> tuple[str, ...]:
+    """The model to evaluate: the TDC routed export when tdc is enabled and it exists."""
+    return ROUTED if cfg.tdc.enabled and store.exists(*ROUTED, "routing.json") else MODEL
+
+
+def model_classes(
+    store: RunStore, model: tuple[str, ...] = MODEL
+) -> tuple[list[int] | None, list[str] | None, dict[str, Any]]:
+    """(class indices or None when unconditional, class names, dedt_model.json)."""
+    if store.exists(*model, "routing.json"):  # TDC: every group shares the label space
+        first = store.read_json(*model, "routing.json")["models"][0]
+        config = store.read_json(*model, first, "pruned.json")["config"]
+    elif store.exists(*model, "unet", "config.json"):
+        config = store.read_json(*model, "unet", "config.json")
+    else:
+        raise FileNotFoundError(
+            f"no exported model at {store.path(*model)}: run `dedt-ray train` first"
+        )
+    info = (
+        store.read_json(*model, "dedt_model.json")
+        if store.exists(*model, "dedt_model.json")
+        else {}
+    )
+    embeds = config.get("num_class_embeds")
+    if embeds is None:
+        return None, info.get("classes"), info
+    num = int(info.get("num_classes") or embeds - 1)
+    return list(range(num)), info.get("classes"), info
+
+
+# -- feature space -------------------------------------------------------------------------
+def inception_available(weights: str | None) -> bool:
+    from dedt_ray.encoders.inception import weights_path
+
+    try:
+        weights_path(weights)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _train_task(images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int, seed: int,
+                use_gpu: bool) -> tuple[bytes, dict[str, Any]]:  # fmt: skip
+    import torch
+
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model, config = train_classifier(
+        images, labels, num_classes, epochs=epochs, seed=seed, device=device
+    )
+    return to_bytes(model), config
+
+
+def _real_training_images(cfg: Config) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Up to `classifier_max_images` labelled real images (a seeded random subset)."""
+    ev = cfg.evaluate
+    source = open_source(cfg.data)
+    keep = Reservoir(ev.classifier_max_images)
+    for batch in source.dataset.iter_batches(batch_size=1024, batch_format="numpy"):
+        labelled = batch["label"] >= 0
+        if labelled.any():
+            ids = batch["id"][labelled]
+            keep.add(id_keys(ids, ev.seed), batch["image"][labelled], batch["label"][labelled])
+    if not len(keep):
+        raise ValueError(
+            "evaluate.feature_space=classifier needs labelled real images (all labels are -1); "
+            "give evaluate.inception_weights for FID instead (see docs/evaluate.md)"
+        )
+    return keep.rows, keep.labels, source.classes
+
+
+def classifier_space(cfg: Config, store: RunStore, gpus: float) -> tuple[FeatureSpace, str]:
+    """The fallback feature space: load the cached classifier or train one. (space, how)."""
+    ev, data = cfg.evaluate, cfg.data
+    name = classifier_name(data.source, data.path)
+    key = hash_json(
+        {"data": data.model_dump(mode="json"), "epochs": ev.classifier_epochs,
+         "max_images": ev.classifier_max_images, "seed": ev.seed, "version": 1}
+    )  # fmt: skip
+    folder = (CLASSIFIER_DIR, f"{name}-{key}")
+    channels = 1 if data.mode == "L" else 3
+    if store.exists(*folder, "config.json") and store.exists(*folder, "model.safetensors"):
+        config = store.read_json(*folder, "config.json")
+        weights = store.read_bytes(*folder, "model.safetensors")
+        how = "reused"
+    else:
+        images, labels, classes = _real_training_images(cfg)
+        num_classes = len(classes) if classes else int(labels.max()) + 1
+        log.info(
+            "evaluate: training the %s feature classifier on %d real images", name, len(labels)
+        )
+        task = ray.remote(_train_task).options(num_cpus=1, num_gpus=gpus)
+        weights, config = ray.get(
+            task.remote(images, labels, num_classes, ev.classifier_epochs, ev.seed, gpus > 0)
+        )
+        config = {**config, "name": name, "key": key, "classes": classes}
+        store.write_bytes(weights, *folder, "model.safetensors")
+        store.write_bytes(config_bytes(config), *folder, "config.json")  # last: marks complete
+        how = "trained"
+    space = FeatureSpace(
+        "classifier", name, channels, data.image_size, classifier=(weights, config)
+    )
+    return space, f"{how} ({store.uri(store.path(*folder))})"
+
+
+def resolve_feature_space(cfg: Config, store: RunStore, gpus: float) -> tuple[FeatureSpace, str]:
+    """`auto`: Inception when its weights file is found, else the classifier fallback."""
+    ev, data = cfg.evaluate, cfg.data
+    channels = 1 if data.mode == "L" else 3
+    choice = ev.feature_space
+    if choice == "auto":
+        choice = INCEPTION if inception_available(ev.inception_weights) else "classifier"
+        if choice == "classifier":
+            log.warning(
+                "evaluate: Inception weights %r not found; measuring in the fallback classifier "
+                "feature space (FD_<name>, not FID). See docs/evaluate.md for real FID.",
+                ev.inception_weights,
+            )
+    if choice == INCEPTION:
+        from dedt_ray.encoders.inception import weights_path
+
+        path = str(weights_path(ev.inception_weights))  # raises a clear FileNotFoundError
+        return FeatureSpace(INCEPTION, INCEPTION, channels, data.image_size, weights=path), path
+    return classifier_space(cfg, store, gpus)
+
+
+# -- real side -----------------------------------------------------------------------------
+def _subsample(batch: dict[str, np.ndarray], seed: int, fraction: float) -> dict[str, np.ndarray]:
+    keys = id_keys(batch["id"], seed)
+    keep = keys < fraction
+    return {"id": batch["id"][keep], "label": batch["label"][keep], "image": batch["image"][keep]}
+
+
+class _Featurize:
+    """Ray Data actor: real images -> features (+ the rows' reservoir keys)."""
+
+    def __init__(self, space: FeatureSpace, use_gpu: bool, batch_size: int, seed: int) -> None:
+        import torch
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.features = FeatureExtractor(space, device, batch_size)
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            "label": batch["label"],
+            "key": id_keys(batch["id"], self.seed + 1),
+            "feature": self.features(batch["image"]),
+        }
+
+
+def real_features(
+    cfg: Config, space: FeatureSpace, gpus: float, per_class: bool
+) -> FeatureAccumulator:
+    """Stream the real images through the feature network into an accumulator."""
+    ev = cfg.evaluate
+    source = open_source(cfg.data)
+    ds = source.dataset
+    if ev.max_real is not None:
+        n = source.info.get("inputs") or ds.count()
+        if n > ev.max_real:
+            ds = ds.map_batches(
+                _subsample, fn_kwargs={"seed": ev.seed, "fraction": ev.max_real / n},
+                batch_size=1024,
+            )  # fmt: skip
+    ds = ds.map_batches(
+        _Featurize,
+        fn_constructor_kwargs={
+            "space": space, "use_gpu": gpus > 0, "batch_size": ev.batch_size, "seed": ev.seed
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.actors),
+        num_gpus=gpus,
+        batch_size=ev.batch_size,
+        batch_format="numpy",
+    )  # fmt: skip
+    acc = FeatureAccumulator(ev.manifold_samples, per_class=per_class, halves=True)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        acc.add(np.asarray(batch["feature"]), batch["label"], batch["key"])
+    if acc.count < 2:
+        raise ValueError(f"only {acc.count} real images: nothing to measure against")
+    return acc
+
+
+# -- generated side ------------------------------------------------------------------------
+def generated_features(
+    cfg: Config, store: RunStore, space: FeatureSpace, gpus: float,
+    classes: list[int] | None, per_class: bool, n_real_classes: int,
+    model: tuple[str, ...] = MODEL,
+) -> tuple[FeatureAccumulator, np.ndarray, np.ndarray, int, float]:  # fmt: skip
+    """Sample the shares on an actor pool. (accumulator, grid images, grid labels, FLOPs per
+    image, sampling seconds)."""
+    ev = cfg.evaluate
+    total = ev.num_samples or ev.samples_per_class * max(1, n_real_classes)
+    shares = plan_shares(
+        classes, ev.samples_per_class, total, ev.batch_size, ev.seed, ev.grid_columns
+    )
+    sampler = ray.remote(ShareSampler).options(num_cpus=1, num_gpus=gpus)
+    device = "cuda" if gpus > 0 else "cpu"
+    actors = [
+        sampler.remote(
+            store.uri(store.path(*model)),
+            ev.scheduler,
+            ev.num_inference_steps,
+            ev.guidance_scale,
+            space,
+            device,
+            ev.batch_size,
+        )  # fmt: skip
+        for _ in range(min(ev.actors, len(shares)))
+    ]
+    acc = FeatureAccumulator(ev.manifold_samples, per_class=per_class and classes is not None)
+    grid_images, grid_labels = [], []
+    started = time.time()
+    try:
+        flops = ray.get(actors[0].flops_per_image.remote())
+        pool = ray.util.ActorPool(actors)
+        for out in pool.map(lambda actor, share: actor.run.remote(share), shares):
+            acc.add(out["features"], out["labels"], out["keys"])
+            grid_images.append(out["grid_images"])
+            grid_labels.append(out["grid_labels"])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    seconds = time.time() - started
+    return acc, np.concatenate(grid_images), np.concatenate(grid_labels), flops, seconds
+
+
+def grid_png(
+    images: np.ndarray,
+    labels: np.ndarray,
+    columns: int,
+    rows: list[int] | None,
+    names: list[str] | None = None,
+) -> bytes:
+    """samples.png: one row per class (`rows`), the class name in a left margin."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from dedt_ray.diffusion.sampling import image_grid
+
+    tiles = samples_grid(images, labels, columns, rows)
+    scale = max(1, GRID_CELL_PX // max(1, images.shape[1]))
+    grid = image_grid(tiles, ncols=columns, scale=scale).convert("RGB")
+    if rows is not None:
+        texts = [names[r] if names and r < len(names) else str(r) for r in rows]
+        font = ImageFont.load_default(size=max(10, min(16, images.shape[1] * scale // 2)))
+        draw = ImageDraw.Draw(grid)
+        margin = 8 + max(int(draw.textlength(t, font=font)) for t in texts)
+        labelled = Image.new("RGB", (grid.width + margin, grid.height), "white")
+        labelled.paste(grid, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        row_h = grid.height / len(rows)
+        for i, text in enumerate(texts):
+            draw.text((4, (i + 0.5) * row_h), text, fill="black", font=font, anchor="lm")
+        grid = labelled
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- the stage -----------------------------------------------------------------------------
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    ev = cfg.evaluate
+    model = model_parts(cfg, store)
+    classes, class_names, info = model_classes(store, model)
+    gpus = ev.gpus_per_actor if ev.gpus_per_actor is not None else min(1.0, cluster_gpus())
+    space, space_source = resolve_feature_space(cfg, store, gpus)
+    log.info("evaluate: feature space %s (%s)", space.metric, space_source)
+
+    # per-class statistics: a D x D matrix per class and side (guard against 1000 x 2048^2)
+    dim = 2048 if space.kind == INCEPTION else int(space.classifier[1]["feature_dim"])
+    n_classes = len(classes) if classes is not None else 0
+    per_class = classes is not None and 2 * n_classes * dim * dim * 8 <= PER_CLASS_BYTES
+    notes = []
+    if classes is not None and not per_class:
+        notes.append(f"per-class distances skipped: {n_classes} classes x {dim}^2 statistics")
+
+    real = real_features(cfg, space, gpus, per_class)
+    n_real_classes = len(real.class_counts)
+    fake, grid_images, grid_labels, flops, seconds = generated_features(
+        cfg, store, space, gpus, classes, per_class, n_real_classes, model
+    )
+    metric = space.metric
+    metrics, per_class_rows, more_notes = compute_metrics(real, fake, metric, ev.nearest_k)
+    notes += more_notes
+    names = class_names or []
+    for row in per_class_rows:
+        row["name"] = names[row["label"]] if row["label"] < len(names) else str(row["label"])
+        row["value"] = json_number(row["value"])
+
+    steps_note = {"scheduler": ev.scheduler, "num_inference_steps": ev.num_inference_steps,
+                  "guidance_scale": ev.guidance_scale}  # fmt: skip
+    result = {
+        "metric": metric,
+        "metrics": {k: json_number(v) for k, v in metrics.items()},
+        "feature_space": {**space.describe(), "dim": dim, "source": space_source},
+        "samples": {
+            "generated": fake.count,
+            "real": real.count,
+            "per_class": ev.samples_per_class if classes is not None else None,
+            "manifold_real": len(real.subset),
+            "manifold_generated": len(fake.subset),
+            "nearest_k": ev.nearest_k,
+        },
+        "sampling": {
+            **steps_note,
+            "class_conditional": classes is not None,
+            "flops_per_image": flops,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(fake.count / seconds, 3) if seconds > 0 else None,
+            "actors": min(ev.actors, max(1, fake.count)),
+            "gpus_per_actor": gpus,
+        },
+        "model": {k: info.get(k) for k in ("steps", "images_seen", "flops") if k in info},
+        "model_path": "/".join(model),
+        "notes": notes,
+    }
+    store.write_json(result, "evaluate", METRICS)
+    store.write_json(
+        {"metric": metric, "feature_space": space.name, "classes": per_class_rows},
+        "evaluate",
+        PER_CLASS,
+    )
+    rows = classes if classes is not None else None
+    store.write_bytes(
+        grid_png(grid_images, grid_labels, ev.grid_columns, rows, class_names), "evaluate", SAMPLES
+    )
+
+    value = result["metrics"][metric]
+    parts = [f"{metric} {value:.4g}" if value is not None else f"{metric} n/a"]
+    for k in ("precision", "recall"):
+        if result["metrics"].get(k) is not None:
+            parts.append(f"{k} {result['metrics'][k]:.3f}")
+    summary = (
+        f"{', '.join(parts)} on {fake.count} generated vs {real.count} real "
+        f"({ev.scheduler} {ev.num_inference_steps} steps)"
+    )
+    return {
+        "rows": fake.count,
+        "real": real.count,
+        "metric": metric,
+        "value": value,
+        "feature_space": space.name,
+        "flops_per_image": flops,
+        "sampling_seconds": round(seconds, 3),
+        "summary": summary,
+    }

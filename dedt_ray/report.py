@@ -1,0 +1,426 @@
+"""Stage `report`: one self-contained `<run>/report.html` per run (images as data URIs).
+
+`collect(store, ...)` reads whatever artifacts exist (a missing stage is simply left out);
+`render(report)` is pure and turns that into HTML. Sections: stages (counts, timings),
+selection picture, class weights, training curves, samples, metrics, per-class metrics,
+compute versus a full-data baseline run (`report.baseline_run`), the resolved config.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import posixpath
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from dedt_ray.config import Config, dump_config
+from dedt_ray.store import MANIFEST, RunStore
+
+log = logging.getLogger("dedt_ray")
+
+REPORT = "report.html"
+STAGE_ORDER = ("embed", "select", "reference", "reweight", "latents", "train", "evaluate")
+COUNT_KEYS = ("rows", "kept", "skipped", "real", "steps", "images_seen")
+HISTORY_FILES = ("metrics.parquet", "metrics.jsonl", "history.jsonl", "metrics.json")
+
+
+@dataclass
+class RunArtifacts:
+    """What one run directory holds (each part None / empty when its stage did not run)."""
+
+    root: str
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    select_png: bytes | None = None
+    reweight_pngs: dict[str, bytes] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    per_class: dict[str, Any] | None = None
+    samples_png: bytes | None = None
+
+
+@dataclass
+class Report:
+    run: RunArtifacts
+    config_yaml: str
+    baseline: RunArtifacts | None = None
+    baseline_note: str | None = None
+    created: str = ""
+
+
+# -- reading -------------------------------------------------------------------------------
+def _maybe_bytes(store: RunStore, *parts: str) -> bytes | None:
+    return store.read_bytes(*parts) if store.exists(*parts) else None
+
+
+def read_history(store: RunStore) -> list[dict[str, Any]]:
+    """The trainer's metrics history (`train/metrics.parquet`: step, loss, lr, ...) as rows."""
+    for name in HISTORY_FILES:
+        data = _maybe_bytes(store, "train", name)
+        if data is None:
+            continue
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        import json
+
+        if name.endswith(".jsonl"):
+            return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        obj = json.loads(data)
+        return obj if isinstance(obj, list) else obj.get("history", [])
+    return []
+
+
+def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifacts:
+    """Every artifact the report shows, from one run directory."""
+    art = RunArtifacts(root=store.uri(store.root))
+    for name in store.list():
+        if name in skip or name.startswith((".", "_")):
+            continue
+        manifest = store.manifest(name) if store.exists(name, MANIFEST) else None
+        if manifest is not None:
+            art.manifests[name] = manifest
+    if "select" in art.manifests:
+        art.select_png = _maybe_bytes(store, "select", "examples.png")
+    if "reweight" in art.manifests:
+        for name in store.list("reweight"):
+            if name.lower().endswith(".png"):
+                art.reweight_pngs[name] = store.read_bytes("reweight", name)
+    if "train" in art.manifests:
+        art.history = read_history(store)
+    if "evaluate" in art.manifests:
+        if store.exists("evaluate", "metrics.json"):
+            art.metrics = store.read_json("evaluate", "metrics.json")
+        if store.exists("evaluate", "per_class.json"):
+            art.per_class = store.read_json("evaluate", "per_class.json")
+        art.samples_png = _maybe_bytes(store, "evaluate", "samples.png")
+    return art
+
+
+def _open_existing(root: str) -> RunStore | None:
+    """A RunStore for an existing directory (RunStore itself would create a missing one)."""
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+    else:
+        fs, path = pafs.LocalFileSystem(), posixpath.abspath(root)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    return RunStore(root)
+
+
+def collect(store: RunStore, config_yaml: str, baseline_run: str | None = None) -> Report:
+    report = Report(
+        run=read_run(store),
+        config_yaml=config_yaml,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    if baseline_run:
+        base = _open_existing(baseline_run)
+        if base is None:
+            report.baseline_note = f"baseline run {baseline_run} not found"
+        else:
+            report.baseline = read_run(base)
+    return report
+
+
+# -- formatting ----------------------------------------------------------------------------
+def fmt(value: Any) -> str:
+    """Numbers as they appear in the tables (and parse back): ints whole, floats to 6 digits."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _td(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f'<td class="num" data-value="{_e(repr(value))}">{_e(fmt(value))}</td>'
+    return f"<td>{_e(fmt(value))}</td>"
+
+
+def _table(table_id: str, header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in rows)
+    return f'<table id="{_e(table_id)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(png: bytes, alt: str, pixelated: bool = False) -> str:
+    data = base64.b64encode(png).decode()
+    cls = ' class="pixelated"' if pixelated else ""
+    return f'<img{cls} alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _section(section_id: str, title: str, body: str) -> str:
+    return f'<section id="{_e(section_id)}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _ratio(base: Any, this: Any) -> float | None:
+    if not isinstance(base, int | float) or not isinstance(this, int | float) or not this:
+        return None
+    return float(base) / float(this)
+
+
+# -- sections ------------------------------------------------------------------------------
+def _stage_names(manifests: dict[str, Any]) -> list[str]:
+    known = [s for s in STAGE_ORDER if s in manifests]
+    return known + sorted(s for s in manifests if s not in STAGE_ORDER)
+
+
+def _count(value: Any) -> Any:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else ""
+
+
+def stages_section(run: RunArtifacts) -> str:
+    """One row per completed stage: counts from its manifest (blank where it has none)."""
+    if not run.manifests:
+        return ""
+    names = _stage_names(run.manifests)
+    keys = [k for k in COUNT_KEYS if any(_count(run.manifests[n].get(k)) != "" for n in names)]
+    rows = []
+    for name in names:
+        m = run.manifests[name]
+        started = str(m.get("started", ""))[:19].replace("T", " ")
+        counts = [_count(m.get(k)) for k in keys]
+        rows.append([name, *counts, _count(m.get("seconds")), started, m.get("summary", "")])
+    header = ["stage", *keys, "seconds", "started (UTC)", "summary"]
+    return _section("stages", "Stages", _table("stages", header, rows))
+
+
+def selection_section(run: RunArtifacts) -> str:
+    m = run.manifests.get("select")
+    if m is None:
+        return ""
+    body = f"<p>{_e(m.get('summary', ''))}</p>"
+    if run.select_png:
+        body += _img(run.select_png, "selection examples")
+    per_class = m.get("per_class") or []
+    if per_class:
+        rows = [[c.get("label"), c.get("n"), c.get("kept")] for c in per_class]
+        body += _table("select-classes", ["class", "images", "kept"], rows)
+    return _section("selection", "Selection", body)
+
+
+def reweight_section(run: RunArtifacts) -> str:
+    if not run.reweight_pngs:
+        return ""
+    body = "".join(
+        f"<figure>{_img(png, name)}<figcaption>{_e(name)}</figcaption></figure>"
+        for name, png in sorted(run.reweight_pngs.items())
+    )
+    summary = run.manifests.get("reweight", {}).get("summary")
+    return _section(
+        "class-weights", "Class weights", (f"<p>{_e(summary)}</p>" if summary else "") + body
+    )
+
+
+def loss_png(history: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> bytes | None:
+    """Loss (and learning rate, when logged) against step; the baseline's loss dashed."""
+    rows = [r for r in history if r.get("step") is not None and r.get("loss") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_lr = any(r.get("lr") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_lr else 1, figsize=(9 if has_lr else 5.5, 3.2),
+                             squeeze=False)  # fmt: skip
+    ax = axes[0, 0]
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="this run")
+    base = [r for r in (baseline or []) if r.get("step") is not None and r.get("loss") is not None]
+    if base:
+        ax.plot([r["step"] for r in base], [r["loss"] for r in base], "--", label="baseline")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if all(r["loss"] > 0 for r in rows):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if has_lr:
+        lr_rows = [r for r in rows if r.get("lr") is not None]
+        axes[0, 1].plot(
+            [r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], color="tab:orange"
+        )
+        axes[0, 1].set_xlabel("step")
+        axes[0, 1].set_ylabel("learning rate")
+        axes[0, 1].grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_section(run: RunArtifacts, baseline: RunArtifacts | None) -> str:
+    m = run.manifests.get("train")
+    if m is None:
+        return ""
+    body = f"<p>{_e(m.get('summary', ''))}</p>"
+    png = loss_png(run.history, baseline.history if baseline else None)
+    if png:
+        body += _img(png, "training loss")
+    keys = ("steps", "images_seen", "flops", "train_wall_seconds", "images_per_s", "final_loss")
+    rows = [[k, m.get(k)] for k in keys if k in m]
+    if rows:
+        body += _table("training", ["quantity", "value"], rows)
+    return _section("training", "Training", body)
+
+
+def samples_section(run: RunArtifacts) -> str:
+    if not run.samples_png:
+        return ""
+    caption = ""
+    if run.metrics:
+        s = run.metrics.get("sampling", {})
+        caption = (
+            f"<p>Generated samples, one row per class: {_e(s.get('scheduler'))}, "
+            f"{_e(s.get('num_inference_steps'))} steps, guidance {_e(s.get('guidance_scale'))}.</p>"
+        )
+    return _section("samples", "Samples", caption + _img(run.samples_png, "samples", True))
+
+
+def _space_note(space: dict[str, Any]) -> str:
+    if space.get("kind") == "inception":
+        return "Inception-v3 pool3 features (pytorch-fid weights): FID proper."
+    acc = space.get("val_accuracy")
+    acc_text = f", held-out accuracy {fmt(acc)}" if acc is not None else ""
+    return (
+        f"Fallback feature space {space.get('name')!s}: the {space.get('feature_dim')}-d "
+        f"penultimate layer of a small CNN trained on the real images{acc_text}. "
+        f"{space.get('metric')} is a Frechet distance in that space, not FID, and is only "
+        "comparable with values from the same classifier."
+    )
+
+
+def metrics_section(run: RunArtifacts) -> str:
+    m = run.metrics
+    if not m:
+        return ""
+    space = m.get("feature_space", {})
+    body = f"<p>{_e(_space_note(space))}</p>"
+    body += _table(
+        "metrics", ["metric", "value"], [[k, v] for k, v in m.get("metrics", {}).items()]
+    )
+    samples, sampling = m.get("samples", {}), m.get("sampling", {})
+    rows = [[f"samples.{k}", v] for k, v in samples.items()]
+    rows += [[f"sampling.{k}", v] for k, v in sampling.items()]
+    body += "<h3>Samples and sampling cost</h3>" + _table("sampling", ["quantity", "value"], rows)
+    for note in m.get("notes", []):
+        body += f'<p class="note">{_e(note)}</p>'
+    return _section("metrics", "Metrics", body)
+
+
+def per_class_section(run: RunArtifacts) -> str:
+    pc = run.per_class
+    if not pc or not pc.get("classes"):
+        return ""
+    metric = pc.get("metric", "distance")
+    rows = [
+        [c.get("label"), c.get("name"), c.get("value"), c.get("real"), c.get("generated")]
+        for c in pc["classes"]
+    ]
+    table = _table("per-class", ["class", "name", metric, "real", "generated"], rows)
+    return _section("per-class", f"Per-class {metric}", table)
+
+
+def compute_section(report: Report) -> str:
+    if report.baseline is None:
+        return _section("compute", "Compute vs baseline", f"<p>{_e(report.baseline_note)}</p>") \
+            if report.baseline_note else ""  # fmt: skip
+    this, base = report.run.manifests.get("train", {}), report.baseline.manifests.get("train", {})
+    rows = []
+    for key, label in (
+        ("rows", "training images"),
+        ("images_seen", "images processed"),
+        ("flops", "training FLOPs"),
+        ("train_wall_seconds", "training wall seconds"),
+        ("seconds", "train stage seconds"),
+    ):
+        if key in this or key in base:
+            rows.append([label, this.get(key), base.get(key), _ratio(base.get(key), this.get(key))])
+    mine, theirs = report.run.metrics or {}, report.baseline.metrics or {}
+    metric = mine.get("metric")
+    note = ""
+    if metric and metric == theirs.get("metric"):
+        rows.append([metric, mine["metrics"].get(metric), theirs["metrics"].get(metric), None])
+        a, b = mine.get("feature_space", {}), theirs.get("feature_space", {})
+        if a.get("kind") != "inception" and a.get("key") != b.get("key"):
+            note = f"<p class='note'>{_e(metric)}: the runs used different classifiers.</p>"
+    elif metric:
+        note = f"<p class='note'>The baseline has no {_e(metric)} to compare with.</p>"
+    body = (
+        f"<p>Baseline: {_e(report.baseline.root)}. Ratio = baseline / this run "
+        "(above 1: this run used less).</p>"
+        + _table("compute", ["quantity", "this run", "baseline", "ratio"], rows)
+        + note
+    )
+    return _section("compute", "Compute vs baseline", body)
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; display: block; margin: .5em 0; }
+img.pixelated { image-rendering: pixelated; min-width: 320px; }
+figure { display: inline-block; margin: 0 1em 1em 0; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: .85em; }
+.note { color: #8a5300; } .meta { color: #666; }
+"""
+
+
+def render(report: Report) -> str:
+    """The whole page; sections whose artifacts are missing are left out."""
+    run = report.run
+    headline = ""
+    if run.metrics and run.metrics.get("metric"):
+        metric = run.metrics["metric"]
+        value = run.metrics.get("metrics", {}).get(metric)
+        headline = f"<p class='headline'><b>{_e(metric)}</b> = {_e(fmt(value))}</p>"
+    sections = [
+        stages_section(run),
+        selection_section(run),
+        reweight_section(run),
+        training_section(run, report.baseline),
+        samples_section(run),
+        metrics_section(run),
+        per_class_section(run),
+        compute_section(report),
+        _section("config", "Config", f"<pre>{_e(report.config_yaml)}</pre>"),
+    ]
+    body = "\n".join(s for s in sections if s)
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>dedt-ray report: {_e(run.root)}</title><style>{CSS}</style></head><body>"
+        f"<h1>dedt-ray run report</h1><p class='meta'>{_e(run.root)} &middot; {_e(report.created)}"
+        f"</p>{headline}\n{body}\n</body></html>\n"
+    )
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    report = collect(store, dump_config(cfg), cfg.report.baseline_run)
+    page = render(report)
+    store.write_text(page, REPORT)
+    stages = _stage_names(report.run.manifests)
+    summary = f"{REPORT} ({len(page) // 1024} KiB) over stages: {', '.join(stages) or 'none'}"
+    return {"rows": len(stages), "stages": stages, "bytes": len(page), "summary": summary}

@@ -1,0 +1,293 @@
+"""Stage `tdc`: timestep divide-and-conquer on top of the `train` stage's model.
+
+Stage 1 is the `train` stage's exported (EMA) model, trained on all timesteps. The stage then
+groups the timesteps by SNR, gives each group a FLOPs budget, decides each group's pruning with
+a proxy (Optuna study in ``<run>/tdc/proxy-<g>.db``, or an LLM) scored by a short fine-tune on
+the group's timesteps, and fine-tunes each group's pruned model on its timesteps only (stage 2,
+Ray Train ``fit`` with ``t_range`` and the pruned model as ``init_unet``). Outputs:
+
+- ``<run>/tdc/model/``: the routed export (``save_routed`` folders + ``routing.json``, plus
+  ``scheduler/`` and ``dedt_model.json``, so ``load_export`` returns a ``RoutedUNet``);
+- ``<run>/tdc/rounds.json``: every proxy round (group, round, proposer, ratios, FLOPs, score);
+- ``<run>/tdc/pruned/group_<g>``: the chosen pruned models before stage 2;
+- the manifest: groups, budgets, training FLOPs (stage 1 + search + stage 2) next to the
+  single-model baseline's, and sampling FLOPs per image next to the single model's.
+
+Groups run one after another; each stage-2 run is its own Ray Train run (DDP over
+``train.num_workers``). The run directory must be local (``init_unet`` is a local path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from dedt_ray.config import Config
+from dedt_ray.store import RunStore
+
+log = logging.getLogger("dedt_ray")
+
+OUT = "tdc"
+TAYLOR_BATCHES, SCORE_BATCH = 4, 16  # UNetPruner.from_denoising / denoising_score defaults
+
+
+def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -> Any:
+    """Up to ``n`` training rows drawn at random (seeded) as a ``Batch`` in model units."""
+    from dedt_ray.tdc.denoise import Batch
+
+    total = rows.count()
+    ds = rows.random_sample(min(1.0, 2.0 * n / max(1, total)), seed=seed) if total > n else rows
+    xs, ys = [], []
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        xs.append(batch["x"])
+        ys.append(batch["label"])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    order = np.random.default_rng(seed).permutation(len(y))[:n]
+    x, y = x[order], y[order]
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    if pixels:
+        images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    else:
+        images = images.float()
+    labels = torch.from_numpy(y.astype(np.int64)) if conditional else None
+    return Batch(images.contiguous(), labels)
+
+
+def search_flops(base_fwd: int, history: list[Any], n: int, score_steps: int) -> int:
+    """Training-equivalent FLOPs of one group's pruning search: Taylor importance on the base
+    model plus, per scored candidate, its fine-tune and held-out evaluation (a forward +
+    backward pass counted as 3 forward passes)."""
+    n_held = max(1, n // 4)
+    n_train = n - n_held
+    total = 3 * base_fwd * TAYLOR_BATCHES * min(SCORE_BATCH, n)
+    for record in history:
+        if record.flops is None:
+            continue
+        total += 3 * record.flops * score_steps * min(SCORE_BATCH, n_train)
+        total += record.flops * n_held
+    return int(total)
+
+
+def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, db: str) -> Any:
+    """The configured proxy for one group (Optuna study persisted in ``db``)."""
+    from dedt_ray.tdc.proxy import LLMProxy, OptunaProxy
+    from dedt_ray.tdc.pruning import architecture_table
+
+    optuna_proxy = OptunaProxy(pruner.blocks, storage_path=db, seed=cfg.seed + group["group"])
+    if cfg.tdc.proxy == "optuna":
+        return optuna_proxy
+    return LLMProxy(
+        architecture_table(pruner.model),
+        budget / pruner.base_flops,
+        group,
+        optuna_proxy,
+        base_url=cfg.tdc.llm_base_url,
+        model=cfg.tdc.llm_model,
+        api_key_env=cfg.tdc.llm_api_key_env,
+    )
+
+
+def stage2_config(cfg: Config) -> Config:
+    """The train config of a group's fine-tune: ``tdc.finetune_steps`` steps."""
+    steps = cfg.tdc.finetune_steps
+    train = cfg.train.model_copy(
+        update={
+            "steps": steps,
+            "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
+            "checkpoint_every": min(cfg.train.checkpoint_every, steps),
+        }
+    )
+    return cfg.model_copy(update={"train": train})
+
+
+def finetuned_model(pruned_dir: str, state: dict[str, Any]) -> torch.nn.Module:
+    """The pruned architecture with the stage-2 EMA weights."""
+    from dedt_ray.tdc.pruning import load_pruned
+
+    model = load_pruned(pruned_dir)
+    model.load_state_dict(state["model"])
+    for param, shadow in zip(model.parameters(), state["ema"]["shadow_params"], strict=True):
+        param.data.copy_(shadow)
+    return model.eval()
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Stage entry point (see the module docstring)."""
+    from dedt_ray.diffusion.export import INFO, load_export
+    from dedt_ray.diffusion.models import ModelSpec, sampling_scheduler
+    from dedt_ray.diffusion.train import (
+        fit,
+        read_class_weights,
+        resolve_inputs,
+        resume_key,
+        training_rows,
+    )
+    from dedt_ray.tdc.budget import group_budgets, model_flops
+    from dedt_ray.tdc.grouping import describe_groups, group_timesteps
+    from dedt_ray.tdc.proxy import decide_group, denoising_score
+    from dedt_ray.tdc.pruning import UNetPruner, save_pruned
+    from dedt_ray.tdc.routing import RoutedUNet, sampling_flops, save_routed, scheduler_config
+
+    started = time.time()
+    tc = cfg.tdc
+    train_manifest = store.manifest("train")
+    base_dir = store.local_path("train", "model")
+    base, noise_scheduler, vae, info = load_export(base_dir)
+    base.requires_grad_(True)
+    spec_dict = store.read_json("train", "run.json")["spec"]
+    spec = ModelSpec(**{k: v for k, v in spec_dict.items() if k != "null_class"})
+    conditional = spec.num_classes > 0
+
+    # -- groups and budgets ----------------------------------------------------------------
+    groups = group_timesteps(noise_scheduler, tc.n_groups, tc.rule, tc.boundaries, tc.boundary_unit)
+    described = describe_groups(noise_scheduler, groups)
+    base_fwd = model_flops(base)
+    budgets = group_budgets(tc.n_groups, tc.k, float(base_fwd), tc.smallest)
+    for row, budget in zip(described, budgets, strict=True):
+        row["budget_flops"] = int(budget)
+        row["budget_fraction"] = budget / base_fwd
+    log.info("tdc: groups %s", [(r["t_lo"], r["t_hi"], r["size"]) for r in described])
+
+    # -- data ------------------------------------------------------------------------------
+    inputs = resolve_inputs(cfg, store)
+    rows, labels, _, _ = training_rows(cfg, store, inputs.selection)
+    class_weights = None
+    if inputs.class_weights is not None:
+        num_classes = spec.num_classes or int(labels.max()) + 1
+        class_weights = read_class_weights(inputs.class_weights, num_classes)
+    data = score_batch(rows, tc.score_images, cfg.seed, not spec.latent, conditional)
+    n = data.images.shape[0]
+
+    # -- per group: proxy-based pruning decision, then stage 2 -----------------------------
+    cfg2 = stage2_config(cfg)
+    store.clear(OUT)
+    rounds: list[dict[str, Any]] = []
+    models, per_group = [], []
+    for g, (lo, hi) in enumerate(groups):
+        t0 = time.time()
+        pruner = UNetPruner.from_denoising(
+            base, noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
+        )
+        db = store.local_path(OUT, f"proxy-{g}.db")
+        proxy = make_proxy(cfg, pruner, described[g], budgets[g], db)
+
+        def score(model: torch.nn.Module, t_range: tuple[int, int] = (lo, hi)) -> float:
+            return denoising_score(
+                model, noise_scheduler, data, t_range, tc.score_steps, cfg.train.lr * 0.1,
+                cfg.seed, batch_size=SCORE_BATCH,
+            )  # fmt: skip
+
+        ratios, pruned, history = decide_group(
+            base, (lo, hi), budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
+        )
+        search = search_flops(base_fwd, history, n, tc.score_steps)
+        rounds += [{"group": g, **r.to_dict()} for r in history]
+        best = min((r for r in history if r.score is not None), key=lambda r: r.score)
+        pruned_dir = store.local_path(OUT, "pruned", f"group_{g:02d}")
+        save_pruned(pruned, pruned_dir)
+        pruned_fwd = model_flops(pruned)
+        log.info(
+            "tdc: group %d [%d, %d): %d rounds, best score %.4f at %.1f%% of the base FLOPs",
+            g, lo, hi, len(history), best.score, 100 * pruned_fwd / base_fwd,
+        )  # fmt: skip
+
+        extra = {"tdc_group": g, "t_range": [lo, hi], "train": train_manifest["output_id"],
+                 "ratios": ratios, "tdc": tc.model_dump(mode="json")}  # fmt: skip
+        key = resume_key(cfg2, inputs.used, extra)
+        metrics, state = fit(
+            cfg2, store, rows, labels, spec, class_weights, key,
+            out=f"tdc-g{g}", t_range=(lo, hi), init_unet=pruned_dir,
+        )  # fmt: skip
+        models.append(finetuned_model(pruned_dir, state))
+        ray_dir = ("_ray", f"tdc-g{g}-{key}")
+        if store.exists(*ray_dir):
+            store.fs.delete_dir(store.path(*ray_dir))
+        stage2 = int(state["flops_per_step"] * state["step"])
+        per_group.append(
+            {
+                **described[g],
+                "ratios": ratios,
+                "flops_per_image": pruned_fwd,
+                "flops_fraction": pruned_fwd / base_fwd,
+                "best_score": best.score,
+                "rounds": len(history),
+                "search_flops": search,
+                "stage2_steps": state["step"],
+                "stage2_flops": stage2,
+                "stage2_loss": metrics.get("loss"),
+                "seconds": round(time.time() - t0, 3),
+            }
+        )
+    store.write_json(rounds, OUT, "rounds.json")
+
+    # -- routed export ---------------------------------------------------------------------
+    routed = RoutedUNet(models, groups, scheduler_config(noise_scheduler))
+    steps = cfg.evaluate.num_inference_steps
+    sampler = sampling_scheduler(noise_scheduler, cfg.evaluate.scheduler)
+    routed_sampling = sampling_flops(routed, sampler, steps)
+    single_sampling = base_fwd * len(_timesteps(sampler, steps))
+    stage1 = int(train_manifest["flops"])
+    baseline = int(cfg.train.steps * train_manifest["flops_per_step"])
+    search_total = sum(r["search_flops"] for r in per_group)
+    stage2_total = sum(r["stage2_flops"] for r in per_group)
+    total = stage1 + search_total + stage2_total
+    model_dir = store.local_path(OUT, "model")
+    save_routed(routed, model_dir)
+    noise_scheduler.save_pretrained(os.path.join(model_dir, "scheduler"))
+    export_info = {
+        **info,
+        "tdc": True,
+        "groups": [list(g) for g in groups],
+        "steps": info.get("steps", 0) + sum(r["stage2_steps"] for r in per_group),
+        "flops": total,
+    }
+    store.write_json(export_info, OUT, "model", INFO)
+    if vae is not None:
+        vae.save_pretrained(os.path.join(model_dir, "vae"), safe_serialization=True)
+
+    training = {
+        "stage1_flops": stage1,
+        "search_flops": search_total,
+        "stage2_flops": stage2_total,
+        "total_flops": total,
+        "baseline_flops": baseline,
+        "ratio_to_baseline": total / baseline if baseline else None,
+        "within_baseline": total <= baseline,
+    }
+    sampling = {
+        "scheduler": cfg.evaluate.scheduler,
+        "num_inference_steps": steps,
+        "routed_flops_per_image": routed_sampling,
+        "single_flops_per_image": int(single_sampling),
+        "ratio": routed_sampling / single_sampling if single_sampling else None,
+    }
+    summary = (
+        f"{len(groups)} groups {[list(g) for g in groups]}, pruned to "
+        f"{[round(r['flops_fraction'], 3) for r in per_group]} of the base; training FLOPs "
+        f"{total:.3g} ({training['ratio_to_baseline']:.2f}x the single-model {baseline:.3g}); "
+        f"sampling {routed_sampling:.3g} FLOPs/image ({sampling['ratio']:.2f}x)"
+    )
+    log.info("tdc: %s", summary)
+    return {
+        "rows": len(groups),
+        "groups": per_group,
+        "base_flops_per_image": base_fwd,
+        "training_flops": training,
+        "sampling_flops": sampling,
+        "proxy": tc.proxy,
+        "model": store.uri(model_dir),
+        "seconds_total": round(time.time() - started, 3),
+        "summary": summary,
+    }
+
+
+def _timesteps(scheduler: Any, steps: int) -> list[int]:
+    """The inference timesteps of a fresh copy of ``scheduler``."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(steps)
+    return fresh.timesteps.tolist()

@@ -1,0 +1,486 @@
+"""Ray Tune + Optuna sweeps over a slice of the pipeline (`dedt-ray tune`).
+
+The base run directory holds `embed/` (computed once, before the sweep). Each trial gets
+`<run>/tune/trials/<trial_id>/` with a copy of `embed/` (manifest included, so the pipeline
+skips it) and runs select -> (reweight / tdc when their stages exist and are enabled) ->
+train -> evaluate. The train stage's TorchTrainer forwards its reports (training loss at
+`train.log_every`) to Tune, so ASHA stops bad trials early; the trial ends with one
+`ray.tune.report` carrying the evaluate metric ("quality") and the training FLOPs.
+
+OptunaSearch (seeded TPE, define-by-run space, one or two objectives) keeps its study in
+`<run>/tune/optuna.db` (SQLite; `optuna-dashboard sqlite:///<run>/tune/optuna.db`). The Tune
+experiment lives in `<run>/tune/sweep`; rerunning the same command restores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import posixpath
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# intermediate (train) reports carry the ASHA metric only; the objectives come at the end
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+import signal  # noqa: E402
+
+import pyarrow.fs as pafs  # noqa: E402
+import yaml  # noqa: E402
+from ray.train import UserCallback  # noqa: E402
+from ray.tune import Callback  # noqa: E402
+
+from dedt_ray.config import Config, ConfigError, TuneParam, dump_config, parse_overrides  # noqa: E402
+from dedt_ray.store import RunStore  # noqa: E402
+
+log = logging.getLogger("dedt_ray")
+
+SWEEP = "sweep"
+COMPUTE = "train_flops"  # the second objective (minimised) in multi-objective mode
+ASHA_METRIC = "loss"  # the training loss the train loop reports at train.log_every
+SHARED = ("embed", "classifier")  # base-run folders each trial reuses
+NOT_IN_TRIALS = ("embed", "report")
+
+
+# -- the search space --------------------------------------------------------------------
+def active_space(cfg: Config) -> tuple[dict[str, TuneParam], list[str]]:
+    """The searchable parameters and a message per skipped one (its section does not exist)."""
+    keep, skipped = {}, []
+    for name, param in cfg.tune.space.items():
+        section, _, key = name.partition(".")
+        model = type(cfg).model_fields.get(section)
+        if model is None or not hasattr(getattr(cfg, section, None), "model_fields"):
+            skipped.append(
+                f"tune.space.{name}: this build has no config section {section!r} "
+                f"(its stage is not installed); parameter skipped"
+            )
+            continue
+        if key not in type(getattr(cfg, section)).model_fields:
+            raise ConfigError(f"tune.space.{name}: {section!r} has no key {key!r}")
+        keep[name] = param
+    for name, param in keep.items():
+        if param.type == "cuts" and param.count_from not in keep:
+            if _get(cfg, param.count_from) is None:
+                raise ConfigError(f"tune.space.{name}: count_from {param.count_from} not found")
+    return keep, skipped
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def suggest(trial: Any, space: dict[str, TuneParam], cfg: Config) -> dict[str, Any]:
+    """Define-by-run: sample `space` on an Optuna trial; returns {dotted key: value}."""
+    out: dict[str, Any] = {}
+    for name, p in space.items():
+        if p.type == "float":
+            out[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
+        elif p.type == "int":
+            out[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
+        elif p.type == "categorical":
+            out[name] = trial.suggest_categorical(name, p.choices)
+    for name, p in space.items():  # conditional on their count parameter
+        if p.type != "cuts":
+            continue
+        n = out.get(p.count_from, _get(cfg, p.count_from))
+        cuts = sorted(trial.suggest_float(f"{name}[{i}]", p.low, p.high) for i in range(n - 1))
+        if p.scale:
+            total = int(_get(cfg, p.scale))
+            ints: list[float] = []
+            for c in cuts:  # strictly increasing timesteps in 1 .. total - 1
+                ints.append(
+                    min(total - 1, max(int(round(c * total)), int(ints[-1]) + 1 if ints else 1))
+                )
+            cuts = ints
+        out[name] = cuts
+    return out
+
+
+class SpaceFn:
+    """The define-by-run function OptunaSearch calls (picklable, for experiment state)."""
+
+    def __init__(self, space: dict[str, TuneParam], cfg: Config) -> None:
+        self.space, self.cfg = space, cfg
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        return {k: v for k, v in suggest(trial, self.space, self.cfg).items() if "[" not in k}
+
+
+def trial_overrides(params: dict[str, Any], space: dict[str, TuneParam]) -> list[str]:
+    """A trial's sampled values as dotted `key=value` overrides (plus each `also`)."""
+    out = []
+    for name, value in params.items():
+        if "[" in name or name not in space:
+            continue
+        out.append(f"{name}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+        out += [f"{k}={v}" for k, v in space[name].also.items()]
+    return [o.removesuffix("\n...") for o in out]
+
+
+def trial_config(base: dict[str, Any], fixed: list[str], params: dict, space: dict) -> Config:
+    """The base config with the sweep's fixed overrides and a trial's sampled values."""
+    tree = _merge(base, parse_overrides([*fixed, *trial_overrides(params, space)]))
+    return Config.model_validate(tree)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# -- one trial ---------------------------------------------------------------------------
+def _copy_shared(base: RunStore, trial: RunStore) -> None:
+    for folder in SHARED:
+        if base.exists(folder) and not trial.exists(folder):
+            _copy_shared_folder(base, trial, folder)
+
+
+class ForwardReports(UserCallback):
+    """A Train callback that puts each report's scalar metrics on a queue the trial drains."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        scalars = {k: v for k, v in metrics[0].items() if isinstance(v, int | float)}
+        self.queue.put(scalars)
+
+
+def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: Any) -> dict:
+    """The pipeline after embed in the trial's run directory (a Ray task outside the trial's
+    placement group, so stages schedule their own tasks, actors and trainers)."""
+    from dedt_ray.diffusion import train
+    from dedt_ray.pipeline import STAGES, run_pipeline
+
+    base = RunStore(ctx["run_dir"])
+    store = RunStore(posixpath.join(ctx["run_dir"], "tune", "trials", trial_id))
+    _copy_shared(base, store)
+    space = {k: TuneParam.model_validate(v) for k, v in ctx["space"].items()}
+    cfg = trial_config(ctx["base"], ctx["fixed"], params, space)
+    train.TRAIN_CALLBACKS[:] = [ForwardReports(queue)]
+    done = run_pipeline(cfg, store, only=[s for s in STAGES if s not in NOT_IN_TRIALS])
+    if store.manifest("embed")["output_id"] != base.manifest("embed")["output_id"]:
+        raise RuntimeError("the trial did not reuse the base run's embeddings")
+    if store.exists("classifier") and not base.exists("classifier"):
+        _copy_shared_folder(store, base, "classifier")  # serves the following trials
+    evaluate = store.read_json("evaluate", "metrics.json")
+    key = evaluate["metric"] if cfg.tune.metric == "quality" else cfg.tune.metric
+    quality = evaluate["metrics"].get(key)
+    tr = done["train"]
+    return {
+        "quality": float("nan") if quality is None else float(quality),
+        "metric_name": key,
+        ASHA_METRIC: float(tr.get("final_loss") or float("nan")),
+        COMPUTE: float(tr["flops"]),
+        "train_rows": int(tr["rows"]),
+        "train_seconds": float(tr.get("train_wall_seconds", 0.0)),
+        "trial_dir": store.uri(store.root),
+        "evaluated": 1,
+    }
+
+
+def _copy_shared_folder(src: RunStore, dst: RunStore, folder: str) -> None:
+    pafs.copy_files(
+        src.path(folder), dst.path(folder), source_filesystem=src.fs, destination_filesystem=dst.fs
+    )
+
+
+def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Tune function trainable: runs the trial's pipeline as a task and reports to Tune —
+    the train loss at each train report (ASHA's signal), then the objectives."""
+    import ray
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    queue = Queue(actor_options={"num_cpus": 0})
+    task = ray.remote(run_trial_pipeline).options(num_cpus=0, scheduling_strategy="DEFAULT")
+    ref = task.remote(ctx, params, trial_id, queue)
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            while True:
+                try:
+                    ray.tune.report(queue.get_nowait())
+                except Empty:
+                    break
+            if ready:
+                break
+        ray.tune.report(ray.get(ref))
+    finally:
+        ray.cancel(ref, force=True)  # a trial stopped by ASHA stops its pipeline too
+        ray.kill(queue.actor)
+
+
+# -- the sweep ---------------------------------------------------------------------------
+def _searcher_class() -> type:
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that ignores intermediate (training-loss) results: only the final
+        result carries the objectives, and the study uses no pruner."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            return None
+
+    return StudySearch
+
+
+def concurrency(cfg: Config) -> int:
+    """Trials at once: tune.max_concurrent, else what the cluster's CPUs (GPUs) hold."""
+    import ray
+
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    res = ray.cluster_resources()
+    tc = cfg.train
+    # stages run one after another: the train workers, or an evaluate actor + its read tasks
+    cpus = cfg.tune.cpus_per_trial + max(max(0, tc.num_workers) * tc.cpus_per_worker, 2.0)
+    n = int(res.get("CPU", 1) // cpus)
+    gpus = res.get("GPU", 0)
+    if gpus and tc.num_workers:
+        n = min(n, int(gpus // tc.num_workers))
+    return max(1, n)
+
+
+def _objectives(cfg: Config) -> tuple[str | list[str], str | list[str]]:
+    if cfg.tune.multi_objective:
+        return ["quality", COMPUTE], [cfg.tune.mode, "min"]
+    return "quality", cfg.tune.mode
+
+
+def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> dict[str, Any]:
+    """Embed once in `run_dir`, run (or resume) the sweep, write results and best.yaml.
+
+    `interrupt_after` (testing): send SIGINT after that many trials complete, as Ctrl+C
+    would; rerunning continues the sweep.
+    """
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from dedt_ray.pipeline import run_stage
+    from dedt_ray.runtime import init_ray
+
+    init_ray()
+    space, skipped = active_space(cfg)
+    for msg in skipped:
+        log.warning(msg)
+    if not space:
+        raise ConfigError("tune.space has no parameter this build can search")
+    base = RunStore(run_dir)
+    base.write_text(dump_config(cfg), "config.yaml")
+    embed = run_stage("embed", cfg, base)  # once; every trial reuses it
+    log.info("tune: embeddings %s", "reused" if embed.get("skipped_stage") else "computed")
+
+    metric, mode = _objectives(cfg)
+    storage_path = base.uri(base.path("tune"))
+    base.fs.create_dir(base.path("tune"), recursive=True)
+    ctx = {
+        "run_dir": base.uri(base.root),
+        "base": cfg.model_dump(mode="json"),
+        "fixed": list(cfg.tune.trial_overrides),
+        "space": {k: v.model_dump(mode="json") for k, v in space.items()},
+    }
+    # the trial function only waits on its pipeline task: a token reservation by default
+    resources = {"CPU": cfg.tune.cpus_per_trial, "memory": 64 * 2**20}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), resources)
+    path = posixpath.join(storage_path, SWEEP)
+    callbacks = (
+        [Interrupt(interrupt_after, base.local_path("tune", ".interrupted"))]
+        if interrupt_after
+        else []
+    )
+    if ray.tune.Tuner.can_restore(path):
+        log.info("tune: resuming the sweep in %s", path)
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        db = optuna_storage(base)
+        searcher = _searcher_class()(
+            space=SpaceFn(space, cfg),
+            metric=metric,
+            mode=mode,
+            sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
+            study_name=SWEEP,
+            storage=db,
+        )
+        limiter = ConcurrencyLimiter(searcher, max_concurrent=concurrency(cfg))
+        asha = cfg.tune.asha
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                metric=ASHA_METRIC,
+                mode="min",
+                max_t=max_reports(cfg),
+                grace_period=asha.grace_period,
+                reduction_factor=asha.reduction_factor,
+            )
+            if asha.enabled
+            else FIFOScheduler()
+        )
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                search_alg=limiter, scheduler=scheduler, num_samples=cfg.tune.num_samples
+            ),
+            run_config=ray.tune.RunConfig(
+                name=SWEEP, storage_path=storage_path, callbacks=callbacks, verbose=1
+            ),
+        )
+    grid = tuner.fit()
+    return write_results(cfg, base, grid, space)
+
+
+def max_reports(cfg: Config) -> int:
+    """Results one trial reports: one per train log/checkpoint step, plus the final one."""
+    tc = trial_config(cfg.model_dump(mode="json"), cfg.tune.trial_overrides, {}, {}).train
+    every = min(tc.log_every, tc.checkpoint_every)
+    return math.ceil(tc.steps / every) + 2
+
+
+def optuna_storage(base: RunStore) -> Any:
+    """SQLite RDB storage at `<run>/tune/optuna.db` (local run directories only)."""
+    import optuna
+
+    if not base.is_local:
+        log.warning("tune: the run directory is not local; the Optuna study stays in memory")
+        return None
+    url = f"sqlite:///{base.local_path('tune', 'optuna.db')}"
+    return optuna.storages.RDBStorage(url)
+
+
+class Interrupt(Callback):
+    """Stands in for Ctrl+C after `n` trials complete (tests of resume). Fires once: the
+    restored experiment carries this callback too, so a marker file disarms it."""
+
+    def __init__(self, n: int, marker: str) -> None:
+        self.n, self.marker, self.completed = n, marker, 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.completed += 1
+        if self.completed == self.n and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+# -- outputs -----------------------------------------------------------------------------
+def pareto_front(points: list[tuple[float, float]], mode: str = "min") -> list[int]:
+    """Indices of the points not dominated in (quality by `mode`, compute min)."""
+    sign = 1.0 if mode == "min" else -1.0
+    front = []
+    for i, (q, c) in enumerate(points):
+        if any(
+            (sign * q2 <= sign * q and c2 <= c) and (sign * q2 < sign * q or c2 < c)
+            for j, (q2, c2) in enumerate(points)
+            if j != i
+        ):
+            continue
+        front.append(i)
+    return front
+
+
+def write_results(cfg: Config, base: RunStore, grid: Any, space: dict) -> dict[str, Any]:
+    """results.csv/.parquet, best.yaml, pareto.png under `<run>/tune`."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        params = {k: v for k, v in (result.config or {}).items() if "[" not in k}
+        rows.append(
+            {
+                "trial_id": m.get("trial_id"),
+                "status": "error"
+                if result.error
+                else ("done" if m.get("evaluated") else "stopped"),
+                "quality": m.get("quality") if m.get("evaluated") else None,
+                "metric_name": m.get("metric_name"),
+                "loss": m.get(ASHA_METRIC),
+                COMPUTE: m.get(COMPUTE) if m.get("evaluated") else m.get("flops"),
+                "train_rows": m.get("train_rows"),
+                "iterations": m.get("training_iteration"),
+                **{f"param.{k}": (str(v) if isinstance(v, list) else v) for k, v in params.items()},
+                "_params": params,
+            }
+        )
+    rows.sort(key=lambda r: str(r["trial_id"]))
+    done = [r for r in rows if r["quality"] is not None and not math.isnan(r["quality"])]
+    front = pareto_front([(r["quality"], r[COMPUTE]) for r in done], cfg.tune.mode)
+    for i, r in enumerate(done):
+        r["pareto"] = i in front
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "_params"} for r in rows])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    base.write_bytes(sink.getvalue().to_pybytes(), "tune", "results.parquet")
+    csv = pa.BufferOutputStream()
+    pacsv.write_csv(table, csv)
+    base.write_bytes(csv.getvalue().to_pybytes(), "tune", "results.csv")
+    out: dict[str, Any] = {"trials": len(rows), "evaluated": len(done), "rows": rows}
+    if not done:
+        log.warning("tune: no trial was evaluated; no best.yaml")
+        return out
+    sign = 1 if cfg.tune.mode == "min" else -1
+    best = min(done, key=lambda r: sign * r["quality"])
+    best_cfg = trial_config(cfg.model_dump(mode="json"), cfg.tune.trial_overrides,
+                            best["_params"], space)  # fmt: skip
+    header = (
+        f"# best of {len(done)} evaluated trials: trial {best['trial_id']}, "
+        f"{best['metric_name']} {best['quality']:.4g}, {best[COMPUTE]:.3g} train FLOPs\n"
+    )
+    base.write_text(header + dump_config(best_cfg), "tune", "best.yaml")
+    base.write_bytes(pareto_png(done, cfg.tune.mode), "tune", "pareto.png")
+    out.update(best=best, best_yaml=base.uri(base.path("tune", "best.yaml")))
+    return out
+
+
+def pareto_png(done: list[dict[str, Any]], mode: str) -> bytes:
+    """Quality vs training compute, the Pareto front highlighted."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    xs = [r[COMPUTE] for r in done]
+    ys = [r["quality"] for r in done]
+    ax.scatter(xs, ys, c="tab:gray", label="trials")
+    front = sorted((r for r in done if r.get("pareto")), key=lambda r: r[COMPUTE])
+    ax.plot([r[COMPUTE] for r in front], [r["quality"] for r in front], "o-", c="tab:red",
+            label="Pareto front")  # fmt: skip
+    ax.set_xlabel("training compute (FLOPs)")
+    better = "lower" if mode == "min" else "higher"
+    ax.set_ylabel(f"{done[0].get('metric_name') or 'quality'} ({better} is better)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(cfg: Config, run_dir: str) -> int:
+    """`dedt-ray tune`: run or resume the sweep and print the results table."""
+    out = run_sweep(cfg, run_dir)
+    cols = ["trial_id", "status", "quality", "loss", COMPUTE, "train_rows"]
+    params = sorted({k for r in out["rows"] for k in r if k.startswith("param.")})
+    print("\n" + "  ".join([*cols, *params]))
+    for r in out["rows"]:
+        print("  ".join(_fmt(r.get(c)) for c in [*cols, *params]))
+    if "best" in out:
+        print(f"\nbest config: {out['best_yaml']}  (dedt-ray run --config {out['best_yaml']})")
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

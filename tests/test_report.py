@@ -1,0 +1,249 @@
+"""report.html: self-contained, missing stages left out, numbers equal the JSON artifacts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dedt_ray.config import load_config
+from dedt_ray.report import REPORT, collect, render
+from dedt_ray.report import run as report_run
+from dedt_ray.store import RunStore
+
+
+class _Tables(HTMLParser):
+    """Rows of every <table id=...>: each cell as (text, data-value or None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[tuple[str, str | None]]]] = {}
+        self._table: str | None = None
+        self._row: list[tuple[str, str | None]] | None = None
+        self._cell: list[str] | None = None
+        self._value: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("id") or f"table{len(self.tables)}"
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._cell, self._value = [], a.get("data-value")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self._row.append(("".join(self._cell).strip(), self._value))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            if self._row:  # header rows have no <td>
+                self.tables[self._table].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse_tables(page: str) -> dict[str, list[list[tuple[str, str | None]]]]:
+    parser = _Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (60, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _history(store: RunStore, steps: int, scale: float) -> None:
+    rows = [
+        {"step": s, "loss": scale / s, "lr": 1e-3 * min(1, s / 3), "images_seen": 64 * s}
+        for s in range(1, steps + 1)
+    ]
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    store.write_bytes(sink.getvalue().to_pybytes(), "train", "metrics.parquet")
+
+
+def _train_manifest(store: RunStore, images: int, flops: float, wall: float) -> None:
+    store.write_manifest(
+        "train",
+        {"stage": "train", "output_id": "t", "seconds": wall + 2.0, "rows": images // 10,
+         "steps": 10, "images_seen": images, "flops": flops, "train_wall_seconds": wall,
+         "final_loss": 0.0312, "started": "2026-01-01T00:00:00+00:00", "summary": "10 steps"},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def full_run(tmp_path: Path) -> tuple[RunStore, str]:
+    """A run directory with every artifact the report shows, plus a baseline run."""
+    store = RunStore(str(tmp_path / "run"))
+    store.write_manifest(
+        "embed", {"output_id": "e", "rows": 1797, "skipped": 0, "seconds": 3.25,
+                  "started": "2026-01-01T00:00:00+00:00", "summary": "1797 images embedded"},
+    )  # fmt: skip
+    store.write_manifest(
+        "select",
+        {"output_id": "s", "rows": 1797, "kept": 899, "skipped": 0, "seconds": 1.5,
+         "summary": "kept 899/1797", "per_class": [{"label": 0, "n": 178, "kept": 89}]},
+    )  # fmt: skip
+    store.write_bytes(_png((200, 30, 30)), "select", "examples.png")
+    store.write_manifest("reweight", {"output_id": "r", "seconds": 0.5, "summary": "weights"})
+    store.write_bytes(_png((30, 30, 200)), "reweight", "class_weights.png")
+    _train_manifest(store, 6400, 3.2e12, 40.0)
+    _history(store, 10, 1.0)
+    store.write_manifest("evaluate", {"output_id": "v", "seconds": 7.0, "rows": 120})
+    metrics = {
+        "metric": "FD_digits-cnn",
+        "metrics": {"FD_digits-cnn": 12.345678912, "FD_digits-cnn_class_mean": 30.1,
+                    "FD_digits-cnn_real_halves": 0.8123456, "precision": 0.625,
+                    "recall": 0.4, "density": 1.0625, "coverage": None},
+        "feature_space": {"kind": "classifier", "name": "digits-cnn", "metric": "FD_digits-cnn",
+                          "key": "k1", "feature_dim": 128, "val_accuracy": 0.97},
+        "samples": {"generated": 120, "real": 400},
+        "sampling": {"scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 1.0,
+                     "flops_per_image": 22953984},
+        "notes": ["a note"],
+    }  # fmt: skip
+    store.write_json(metrics, "evaluate", "metrics.json")
+    store.write_json(
+        {"metric": "FD_digits-cnn", "classes": [
+            {"label": 0, "name": "zero", "value": 11.5, "real": 40, "generated": 12},
+            {"label": 1, "name": "one", "value": None, "real": 1, "generated": 12}]},
+        "evaluate", "per_class.json",
+    )  # fmt: skip
+    store.write_bytes(_png((20, 160, 20), (80, 80)), "evaluate", "samples.png")
+
+    base = RunStore(str(tmp_path / "baseline"))
+    _train_manifest(base, 12800, 6.4e12, 100.0)
+    _history(base, 20, 2.0)
+    store_metrics = {**metrics, "metrics": {**metrics["metrics"], "FD_digits-cnn": 10.0}}
+    base.write_json(store_metrics, "evaluate", "metrics.json")
+    base.write_manifest("evaluate", {"output_id": "bv", "seconds": 7.0})
+    return store, str(tmp_path / "baseline")
+
+
+def test_report_sections_and_numbers_match_json(full_run) -> None:
+    store, baseline = full_run
+    cfg = load_config(None, [f"report.baseline_run={baseline}"])
+    manifest = report_run(cfg, store)
+    assert manifest["stages"] == ["embed", "select", "reweight", "train", "evaluate"]
+    page = Path(store.path(REPORT)).read_text()
+
+    # self-contained: no external resources, every image a decodable PNG data URI
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
+    assert "url(" not in page and "<script" not in page and "<link" not in page
+    sources = re.findall(r'<img[^>]*src="([^"]+)"', page)
+    assert len(sources) == 4  # selection, class weights, loss curve, samples
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    for section in ("stages", "selection", "class-weights", "training", "samples", "metrics",
+                    "per-class", "compute", "config"):  # fmt: skip
+        assert f'<section id="{section}">' in page
+
+    tables = parse_tables(page)
+    metrics = store.read_json("evaluate", "metrics.json")["metrics"]
+    shown = {row[0][0]: row[1] for row in tables["metrics"]}
+    assert list(shown) == list(metrics)
+    for name, value in metrics.items():
+        text, exact = shown[name]
+        if value is None:
+            assert text == "n/a" and exact is None
+        else:
+            assert float(text) == pytest.approx(value, rel=1e-5) and float(exact) == value
+
+    per_class = store.read_json("evaluate", "per_class.json")["classes"]
+    assert len(tables["per-class"]) == len(per_class)
+    for row, want in zip(tables["per-class"], per_class, strict=True):
+        assert int(row[0][0]) == want["label"] and row[1][0] == want["name"]
+        assert (row[2][0] == "n/a") if want["value"] is None else float(row[2][0]) == want["value"]
+        assert int(row[3][0]) == want["real"] and int(row[4][0]) == want["generated"]
+
+    stages = {row[0][0]: [c[0] for c in row] for row in tables["stages"]}
+    assert list(stages) == ["embed", "select", "reweight", "train", "evaluate"]
+    assert "899" in stages["select"] and "3.25" in stages["embed"]
+
+    compute = {row[0][0]: row[1:] for row in tables["compute"]}
+    flops = compute["training FLOPs"]
+    assert float(flops[0][1]) == 3.2e12 and float(flops[1][1]) == 6.4e12
+    assert float(flops[2][1]) == pytest.approx(2.0)  # baseline / this run
+    assert float(compute["training wall seconds"][2][1]) == pytest.approx(2.5)
+    assert float(compute["FD_digits-cnn"][0][0]) == pytest.approx(12.345678912, rel=1e-5)
+    assert float(compute["FD_digits-cnn"][1][0]) == 10.0
+    assert f"baseline_run: {baseline}" in page  # the resolved config is shown
+    assert "not FID" in page  # the fallback space is labelled as such
+
+
+def test_report_leaves_out_missing_stages(tmp_path: Path) -> None:
+    store = RunStore(str(tmp_path / "empty"))
+    cfg = load_config(None, [f"report.baseline_run={tmp_path / 'nowhere'}"])
+    page = render(collect(store, "seed: 0\n", cfg.report.baseline_run))
+    assert "<img" not in page and "<table" not in page
+    assert '<section id="config">' in page and "not found" in page
+    assert not (tmp_path / "nowhere").exists()  # a missing baseline is not created
+
+    _train_manifest(store, 64, 1e9, 1.0)  # only a train manifest, no history file
+    page = render(collect(store, "seed: 0\n"))
+    assert '<section id="training">' in page and "<img" not in page
+    assert '<section id="metrics">' not in page and '<section id="compute">' not in page
+
+
+def test_report_stage_rerenders_every_time(ray_cluster, full_run) -> None:
+    from dedt_ray.pipeline import run_stage
+
+    store, _ = full_run
+    cfg = load_config(None, [])
+    first = run_stage("report", cfg, store)
+    assert '<section id="compute">' not in Path(store.path(REPORT)).read_text()  # no baseline
+    store.write_manifest("tune", {"output_id": "x", "seconds": 1.0, "summary": "a new stage"})
+    second = run_stage("report", cfg, store)
+    assert not second.get("skipped_stage") and second["output_id"] != first["output_id"]
+    assert "a new stage" in Path(store.path(REPORT)).read_text()
+
+
+def screenshot(html_path: Path, png: Path, profile: Path) -> Image.Image:
+    """Headless Chromium screenshot of a local HTML file (no network, no GPU)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={profile}", f"--screenshot={png}",
+         "--window-size=1200,3000", html_path.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return Image.open(png).convert("RGB")
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no chromium"
+)
+def test_report_renders_in_headless_chromium(full_run, tmp_path: Path) -> None:
+    store, baseline = full_run
+    report_run(load_config(None, [f"report.baseline_run={baseline}"]), store)
+    shot = screenshot(Path(store.path(REPORT)), tmp_path / "shot.png", tmp_path / "profile")
+    assert shot.size == (1200, 3000)
+    pixels = np.asarray(shot, dtype=np.int16)
+    ink = (pixels < 200).any(axis=-1)
+    assert ink.mean() > 0.01  # text and images were drawn
+    assert ink[:300].any() and ink[1500:].any()  # content from the top to far down the page
+    # the embedded images rendered: their solid colours appear on screen
+    for color in ((200, 30, 30), (30, 30, 200), (20, 160, 20)):
+        assert (np.abs(pixels - np.array(color)).sum(axis=-1) < 12).sum() > 500

@@ -1,0 +1,322 @@
+"""Reweighting on Ray: DDP equivalence, the reference/reweight stages, the DAG, resume, and the
+direction of the weights on digits with a degraded class."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dedt_ray.config import ConfigError, ModelConfig, load_config
+from dedt_ray.diffusion.export import load_export
+from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler, build_unet
+from dedt_ray.diffusion.train import read_class_weights
+from dedt_ray.pipeline import STAGES, run_stage, stage_key
+from dedt_ray.reweight.dro import DROLoss
+from dedt_ray.reweight.stage import class_names
+from dedt_ray.store import RunStore
+
+MODEL = [
+    "data.image_size=8",
+    "model.block_out_channels=[16,32]",
+    "model.norm_num_groups=8",
+    "model.attention_head_dim=8",
+    "train.threads_per_worker=1",
+    "train.num_workers=0",
+]
+SMALL = [
+    *MODEL,
+    "data.limit=150",
+    "train.steps=40",
+    "train.batch_size=10",
+    "train.log_every=2",
+    "train.checkpoint_every=3",
+    "reference.steps=6",
+    "reweight.steps=8",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fast_polling(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+# -- 1 vs 2 DDP workers on the same global batches -----------------------------------------
+K, GLOBAL, STEPS = 4, 12, 4
+TINY = ModelConfig(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=4)
+
+
+def _dro_steps(rank: int, world: int, distributed: bool) -> dict:
+    """STEPS proxy updates on fixed global batches, this rank taking its contiguous share."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    proxy = build_unet(TINY, ModelSpec(8, 1, K))
+    torch.manual_seed(1)
+    reference = build_unet(TINY, ModelSpec(8, 1, K))
+    sched = build_noise_scheduler(TINY)
+    model = DistributedDataParallel(proxy) if distributed else proxy
+    opt = torch.optim.Adam(proxy.parameters(), lr=1e-2)
+    dro = DROLoss(reference, K, eta=3.0, smoothing=1e-3, world=world, distributed=distributed)
+    naive = DROLoss(reference, K, eta=3.0, smoothing=1e-3)  # no all-reduce: the control
+    share = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        x0 = torch.rand(GLOBAL, 1, 8, 8, generator=g) * 2 - 1
+        labels = torch.randint(0, K, (GLOBAL,), generator=g)
+        labels[: GLOBAL // 2] = step % K  # skewed: each rank sees different class mixes
+        t = torch.randint(0, 1000, (GLOBAL,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        args = (x0[share], labels[share], labels[share], t[share], noise[share])
+        opt.zero_grad()
+        dro.loss(model, sched, *args).backward()
+        opt.step()
+        dro.record(step + 1)
+        with torch.no_grad():
+            naive.loss(proxy, sched, *args)
+    return {
+        "weights": dro.dro.weights.tolist(),
+        "average": dro.dro.average.tolist(),
+        "excess": dro.dro.excess.tolist(),
+        "naive": naive.dro.weights.tolist(),
+        "param": float(sum(p.detach().double().sum() for p in proxy.parameters())),
+    }
+
+
+def _ddp_worker(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = _dro_steps(rank, world, dist.is_initialized())
+    with open(f"{config['out']}/rank{rank}.json", "w") as f:
+        json.dump(out, f)
+
+
+def test_one_and_two_ddp_workers_give_the_same_weights(ray_cluster, tmp_path):
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=ray.train.RunConfig(name="ddp-dro", storage_path=str(tmp_path / "ray")),
+    ).fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = _dro_steps(0, 1, False)
+    assert not np.allclose(single["weights"], np.full(K, 1 / K), atol=1e-3)
+    for name in ("weights", "average", "excess"):
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name])  # identical on every rank
+        np.testing.assert_allclose(ranks[0][name], single[name], rtol=2e-5, atol=1e-7)
+    assert ranks[0]["param"] == pytest.approx(single["param"], rel=1e-5)  # same proxy too
+    # without the all-reduce each rank would follow its own share of the batch
+    assert not np.allclose(ranks[0]["naive"], ranks[1]["naive"], rtol=1e-3)
+
+
+# -- the stages ----------------------------------------------------------------------------
+def _write_select(store: RunStore, n: int = 150) -> int:
+    """A fake select stage keeping 2 of every 3 digits (labels are the digits' own)."""
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target[:n]
+    kept = [i % 3 != 0 for i in range(n)]
+    table = pa.table(
+        {
+            "id": [f"digits/{i:05d}" for i in range(n)],
+            "label": labels.astype(np.int64),
+            "criterion": ["random"] * n,
+            "score": np.zeros(n),
+            "kept": kept,
+        }
+    )
+    store.fs.create_dir(store.path("select"), recursive=True)
+    pq.write_table(table, store.path("select", "scores.parquet"))
+    store.write_manifest("select", {"stage": "select", "output_id": "sel-1", "rows": n})
+    store.write_json({"classes": [f"digit {i}" for i in range(10)]}, "embed", "classes.json")
+    return sum(kept)
+
+
+@pytest.fixture(scope="module")
+def staged(ray_cluster, tmp_path_factory):
+    """select (fake) -> reference -> reweight -> train, in-process, on 100 kept digits."""
+    store = RunStore(str(tmp_path_factory.mktemp("rw") / "run"))
+    kept = _write_select(store)
+    cfg = load_config(None, SMALL)
+    out = {name: run_stage(name, cfg, store) for name in ("reference", "reweight", "train")}
+    return cfg, store, kept, out
+
+
+def test_reference_stage_trains_and_exports(staged):
+    _, store, kept, out = staged
+    ref = out["reference"]
+    assert ref["source"] == "trained" and ref["data"] == "subset" and ref["rows"] == kept
+    assert ref["steps"] == 6 and ref["flops"] == 6 * ref["flops_per_step"] > 0
+    assert ref["inputs"] == {"select": "sel-1"}
+    unet, _, _, info = load_export(store.path("reference", "model"))
+    assert unet.config.num_class_embeds == 11 and info["steps"] == 6
+
+
+def test_reweight_stage_artifacts(staged):
+    cfg, store, kept, out = staged
+    rw = out["reweight"]
+    assert rw["rows"] == kept and rw["steps"] == 8 and rw["num_updates"] == 8
+    assert rw["inputs"] == {"select": "sel-1", "reference": out["reference"]["output_id"]}
+    obj = store.read_json("reweight", "class_weights.json")
+    weights = read_class_weights(obj, 10)  # the format the trainer reads
+    np.testing.assert_allclose(weights, rw["class_weights"])
+    assert obj["names"]["3"] == "3" and rw["class_names"][3] == "3"  # the dataset's names
+    assert class_names(store, None, 10)[3] == "digit 3"  # else embed/classes.json
+    assert class_names(store, None, 4) == ["0", "1", "2", "3"]  # else the labels
+    assert not np.allclose(weights, 0.1, atol=1e-4)  # they moved
+    trace = pq.read_table(store.path("reweight", "trace.parquet"))
+    assert {"step", "class", "weight", "excess"} <= set(trace.column_names)
+    assert trace.num_rows == 8 * 10
+    rows = trace.to_pandas()
+    per_step = rows.groupby("step")["weight"].sum()
+    assert per_step.index.tolist() == list(range(1, 9))
+    np.testing.assert_allclose(per_step.values, 1.0)
+    last = rows[rows.step == 8].sort_values("class")
+    np.testing.assert_allclose(last["average"] / last["average"].sum(), weights, rtol=1e-9)
+    np.testing.assert_allclose(last["weight"], list(obj["final_weights"].values()), rtol=1e-9)
+    for name in ("weights_over_steps.png", "class_weights.png"):
+        assert store.read_bytes("reweight", name)[:8] == b"\x89PNG\r\n\x1a\n"
+    # compute: reference training + proxy fwd/bwd + reference forward (~1/3 of fwd/bwd)
+    flops = rw["flops"]
+    assert flops["reference_training"] == out["reference"]["flops"]
+    assert 0.25 < flops["reference_forward"] / flops["proxy_training"] < 0.45
+    assert rw["search_flops"] == sum(flops.values())
+    per_step = flops["proxy_training"] / 8  # same batch (10) as train: the estimate is exact
+    assert rw["train_flops_estimate"] == pytest.approx(cfg.train.steps * per_step)
+    assert rw["flops_fraction"] == pytest.approx(rw["search_flops"] / (40 * per_step))
+
+
+def test_train_uses_the_weights_and_reruns_when_they_change(staged):
+    cfg, store, _, out = staged
+    train = out["train"]
+    assert train["inputs"]["reweight"] == out["reweight"]["output_id"]
+    np.testing.assert_allclose(train["class_weights"], out["reweight"]["class_weights"])
+    assert train["flops"] == pytest.approx(out["reweight"]["train_flops_estimate"])
+    assert train["reweight_flops_fraction"] == pytest.approx(out["reweight"]["flops_fraction"])
+    assert run_stage("train", cfg, store).get("skipped_stage")  # nothing changed
+    again = run_stage("reweight", cfg, store, force=True)
+    assert again["output_id"] != out["reweight"]["output_id"]
+    retrained = run_stage("train", cfg, store)
+    assert not retrained.get("skipped_stage")
+    assert retrained["inputs"]["reweight"] == again["output_id"]
+    # reweighting disabled: the train stage neither reads nor keys on the weights
+    off = load_config(None, [*SMALL, "reweight.enabled=false"])
+    assert "reweight" not in stage_key(STAGES["train"], off, store)["inputs"]
+    names = list(STAGES)
+    assert names.index("select") < names.index("reference") < names.index("reweight")
+    assert names.index("reweight") < names.index("train")
+
+
+def test_reweight_resumes_with_the_same_weights(staged, tmp_path):
+    _, _, _, out = staged
+    flag = tmp_path / "fail.flag"
+    flag.write_text("x")
+    store = RunStore(str(tmp_path / "run"))
+    _write_select(store)
+    cfg = load_config(None, SMALL)
+    run_stage("reference", cfg, store)
+    crash = [
+        "train.num_workers=1",
+        "train.max_failures=1",
+        "train.fail_at_step=5",
+        f"train.fail_flag={flag}",
+    ]
+    manifest = run_stage("reweight", load_config(None, [*SMALL, *crash]), store)
+    assert not flag.exists() and manifest["resumed_at"] == [3]
+    trace = pq.read_table(store.path("reweight", "trace.parquet")).to_pandas()
+    assert sorted(set(trace.step)) == list(range(1, 9)) and len(trace) == 80
+    # the reference is retrained identically, so the weights match the uninterrupted run
+    np.testing.assert_allclose(
+        manifest["class_weights"], out["reweight"]["class_weights"], rtol=1e-4
+    )
+
+
+def test_pretrained_reference(staged, tmp_path):
+    cfg, store, _, _ = staged
+    other = RunStore(str(tmp_path / "run"))
+    folder = store.path("reference", "model")
+    ref = run_stage(
+        "reference", load_config(None, [*SMALL, f"reference.pretrained={folder}"]), other
+    )
+    assert ref["source"] == "pretrained" and ref["flops"] == 0 and ref["num_class_embeds"] == 11
+    unet, sched, _, info = load_export(other.path("reference", "model"))
+    assert unet.config.sample_size == 8 and info["source"] == "pretrained"
+    wrong = tmp_path / "wrong"
+    torch.manual_seed(0)
+    build_unet(
+        ModelConfig(**{**cfg.model.model_dump(), "norm_num_groups": 8}), ModelSpec(16, 1, 10)
+    ).save_pretrained(str(wrong))
+    with pytest.raises(ConfigError, match="sample_size"):
+        run_stage("reference", load_config(None, [*SMALL, f"reference.pretrained={wrong}"]), other)
+
+
+# -- which way do the weights move? ----------------------------------------------------------
+DEGRADED = 3
+
+
+def _degraded_digits(path, seed: int = 0) -> None:
+    """Digits 0-3 as a parquet source; half of the 3s replaced by uniform noise."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = digits.target < 4
+    images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)
+    labels = digits.target[keep]
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(labels == DEGRADED)
+    bad = rng.choice(idx, len(idx) // 2, replace=False)
+    images[bad] = rng.integers(0, 256, images[bad].shape, dtype=np.uint8)
+    table = pa.table(
+        {
+            "id": [f"d{i:04d}" for i in range(len(labels))],
+            "image": [im.tolist() for im in images],
+            "label": labels.astype(np.int64),
+        }
+    )
+    pq.write_table(table, str(path))
+
+
+def degraded_run(root, seed: int = 0) -> dict:
+    """reference + reweight on the degraded digits; returns the reweight manifest."""
+    _degraded_digits(root / "data.parquet", seed)
+    cfg = load_config(
+        None,
+        [
+            *MODEL,
+            "data.source=parquet",
+            f"data.path={root / 'data.parquet'}",
+            "select.enabled=false",
+            f"seed={seed}",
+            "train.batch_size=64",
+            "train.log_every=1000",
+            "reference.steps=60",
+            "reweight.steps=60",
+        ],
+    )
+    store = RunStore(str(root / "run"))
+    run_stage("reference", cfg, store)
+    return run_stage("reweight", cfg, store)
+
+
+def test_degraded_class_is_downweighted(ray_cluster, tmp_path):
+    """Noise images are unlearnable: the reference's loss on them is as high as the proxy's,
+    so the class's excess loss is the smallest and DRO moves weight away from it."""
+    manifest = degraded_run(tmp_path)
+    weights = np.asarray(manifest["class_weights"])
+    others = np.delete(weights, DEGRADED)
+    assert weights[DEGRADED] < 0.22 < 0.25 < weights.max()  # uniform: 0.25
+    assert weights[DEGRADED] < others.min() - 0.02

@@ -1,0 +1,118 @@
+"""Ray Tune + Optuna sweeps: the search space (pure) and tiny sweeps on the local cluster."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dedt_ray.config import load_config
+from dedt_ray.store import RunStore
+from dedt_ray.tune import active_space, pareto_front, run_sweep, suggest, trial_overrides
+
+TINY = [
+    "data.image_size=8",
+    "data.limit=150",
+    "embed.encoder=pixels",
+    "model.block_out_channels=[8,16]",
+    "model.norm_num_groups=4",
+    "model.attention_head_dim=4",
+    "model.mid_attention=false",
+    "model.attention_levels=[false,false]",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.threads_per_worker=1",
+    "train.num_workers=1",
+    "evaluate.samples_per_class=2",
+    "evaluate.num_inference_steps=2",
+    "evaluate.feature_space=classifier",
+    "evaluate.classifier_epochs=1",
+    "evaluate.classifier_max_images=150",
+    "evaluate.max_real=100",
+    "evaluate.manifold_samples=20",
+    "evaluate.batch_size=64",
+    "reweight.enabled=false",
+    "tune.num_samples=3",
+    "tune.max_concurrent=1",
+    "tune.asha.enabled=false",
+    "tune.trial_overrides=[train.steps=4,train.log_every=2,train.checkpoint_every=4]",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fast_polling(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+def test_space_is_conditional_and_skips_missing_sections():
+    cfg = load_config(None, ["tdc.rule=quantile"])
+    cfg.tune.space = {
+        **cfg.tune.space,
+        "tdc.n_groups": {"type": "int", "low": 2, "high": 4},
+        "tdc.boundaries": {
+            "type": "cuts",
+            "low": 0.05,
+            "high": 0.95,
+            "count_from": "tdc.n_groups",
+            "scale": "model.num_train_timesteps",
+            "also": {"tdc.rule": "explicit"},
+        },  # fmt: skip
+        "nosuch.eta": {"low": 1e-3, "high": 1.0, "log": True},
+    }
+    space, skipped = active_space(cfg)
+    assert "nosuch.eta" not in space and "nosuch" in skipped[0]
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(5):
+        params = suggest(study.ask(), space, cfg)
+        cuts = params["tdc.boundaries"]
+        assert len(cuts) == params["tdc.n_groups"] - 1 and cuts == sorted(set(cuts))
+        assert all(1 <= c < 1000 for c in cuts) and 0.2 <= params["select.keep_ratio"] <= 1
+        over = trial_overrides({k: v for k, v in params.items() if "[" not in k}, space)
+        tuned = load_config(None, over)
+        assert tuned.tdc.rule == "explicit" and tuned.tdc.boundaries == cuts
+
+
+def test_pareto_front():
+    pts = [(1.0, 10.0), (2.0, 5.0), (3.0, 6.0), (0.5, 20.0)]
+    assert pareto_front(pts) == [0, 1, 3]
+
+
+@pytest.mark.slow
+def test_sweep_interrupted_and_restored(ray_cluster, tmp_path):
+    run = str(tmp_path / "run")
+    cfg = load_config(None, TINY)
+    first = run_sweep(cfg, run, interrupt_after=1)
+    store = RunStore(run)
+    embed = store.manifest("embed")
+    assert first["evaluated"] >= 1 and first["evaluated"] < 3
+    finished = {r["trial_id"] for r in first["rows"] if r["status"] == "done"}
+    started = {t: evaluate_started(store, t) for t in finished}
+
+    out = run_sweep(cfg, run)  # resumes the same experiment
+    assert out["evaluated"] == 3 and out["trials"] == 3
+    assert {r["trial_id"] for r in out["rows"]} >= finished
+    # finished trials were not rerun: their evaluate manifests are untouched
+    assert {t: evaluate_started(store, t) for t in finished} == started
+    # embeddings computed once: the base manifest is unchanged, every trial reused it
+    assert store.manifest("embed") == embed
+    for trial in store.list("tune", "trials"):
+        t = RunStore(store.path("tune", "trials", trial))
+        if t.manifest("evaluate"):
+            assert t.manifest("embed")["output_id"] == embed["output_id"]
+    assert os.path.getsize(store.path("tune", "optuna.db")) > 0
+    db = f"sqlite:///{store.path('tune', 'optuna.db')}"
+    study = optuna.load_study(study_name="sweep", storage=db)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+    table = pq.read_table(store.path("tune", "results.parquet"))
+    assert table.num_rows == 3 and store.exists("tune", "results.csv")
+    assert store.exists("tune", "pareto.png")
+    best = yaml.safe_load(store.read_bytes("tune", "best.yaml"))
+    assert load_config(store.path("tune", "best.yaml")).train.steps == 4
+    assert best["select"]["keep_ratio"] in table.column("param.select.keep_ratio").to_pylist()
+
+
+def evaluate_started(store: RunStore, trial: str) -> str:
+    return RunStore(store.path("tune", "trials", trial)).manifest("evaluate")["started"]
