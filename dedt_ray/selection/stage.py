@@ -157,7 +157,7 @@ def examples_png(cfg: Config, table: pa.Table, classes: int = 6, per_band: int =
     )
     for ax in axes.flat:
         ax.axis("off")
-    for n, (label, band, row_ids, row_kept) in enumerate(picks):
+    for n, (label, _band, row_ids, row_kept) in enumerate(picks):
         r, c0 = n // 3, (n % 3) * per_band
         for j, (rid, was_kept) in enumerate(zip(row_ids, row_kept, strict=True)):
             ax = axes[r, c0 + j]
@@ -167,17 +167,21 @@ def examples_png(cfg: Config, table: pa.Table, classes: int = 6, per_band: int =
             ax.set_title(
                 "kept" if was_kept else "dropped", fontsize=6, color="green" if was_kept else "red"
             )
-            if j == 0:
+            if j == 0 and c0 == 0:
                 ax.text(
-                    -0.5,
+                    -0.15,
                     0.5,
-                    f"{label}\n{band}",
+                    f"class {label}",
                     transform=ax.transAxes,
                     fontsize=7,
                     ha="right",
                     va="center",
                 )
-    fig.suptitle(f"select: {cfg.select.criterion} scores, highest | middle | lowest", fontsize=9)
+    fig.suptitle(
+        f"select: {cfg.select.criterion} scores; {per_band} columns each of the highest, "
+        "middle and lowest scored",
+        fontsize=9,
+    )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
