@@ -119,7 +119,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """How a diffusion model is trained (Ray Train, DDP)."""
 
-    steps: int = Field(1500, ge=1)  # optimizer steps
+    steps: int = Field(1000, ge=1)  # optimizer steps
     batch_size: int = Field(64, ge=1)  # global batch per optimizer step
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)

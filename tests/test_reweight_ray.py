@@ -222,13 +222,14 @@ def test_train_uses_the_weights_and_reruns_when_they_change(staged):
 
 
 def test_reweight_resumes_with_the_same_weights(staged, tmp_path):
-    _, _, _, out = staged
+    import shutil
+
+    _, done, _, out = staged
     flag = tmp_path / "fail.flag"
     flag.write_text("x")
     store = RunStore(str(tmp_path / "run"))
     _write_select(store)
-    cfg = load_config(None, SMALL)
-    run_stage("reference", cfg, store)
+    shutil.copytree(done.path("reference"), store.path("reference"))  # the same reference
     crash = [
         "train.num_workers=1",
         "train.max_failures=1",
@@ -239,7 +240,7 @@ def test_reweight_resumes_with_the_same_weights(staged, tmp_path):
     assert not flag.exists() and manifest["resumed_at"] == [3]
     trace = pq.read_table(store.path("reweight", "trace.parquet")).to_pandas()
     assert sorted(set(trace.step)) == list(range(1, 9)) and len(trace) == 80
-    # the reference is retrained identically, so the weights match the uninterrupted run
+    # same reference and batches: the weights match the uninterrupted in-process run
     np.testing.assert_allclose(
         manifest["class_weights"], out["reweight"]["class_weights"], rtol=1e-4
     )
@@ -265,21 +266,22 @@ def test_pretrained_reference(staged, tmp_path):
 
 
 # -- which way do the weights move? ----------------------------------------------------------
-DEGRADED = 3
+DEGRADED = 0
 
 
-def _degraded_digits(path, seed: int = 0) -> None:
-    """Digits 0-3 as a parquet source; half of the 3s replaced by uniform noise."""
+def _digits_source(path, degraded: int | None, seed: int = 0) -> None:
+    """Digits 0-3 as a parquet source; half of class `degraded` replaced by uniform noise."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     keep = digits.target < 4
     images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)
     labels = digits.target[keep]
-    rng = np.random.default_rng(seed)
-    idx = np.flatnonzero(labels == DEGRADED)
-    bad = rng.choice(idx, len(idx) // 2, replace=False)
-    images[bad] = rng.integers(0, 256, images[bad].shape, dtype=np.uint8)
+    if degraded is not None:
+        rng = np.random.default_rng(seed)
+        idx = np.flatnonzero(labels == degraded)
+        bad = rng.choice(idx, len(idx) // 2, replace=False)
+        images[bad] = rng.integers(0, 256, images[bad].shape, dtype=np.uint8)
     table = pa.table(
         {
             "id": [f"d{i:04d}" for i in range(len(labels))],
@@ -290,9 +292,10 @@ def _degraded_digits(path, seed: int = 0) -> None:
     pq.write_table(table, str(path))
 
 
-def degraded_run(root, seed: int = 0) -> dict:
-    """reference + reweight on the degraded digits; returns the reweight manifest."""
-    _degraded_digits(root / "data.parquet", seed)
+def digits_run(root, degraded: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """reference + reweight on digits 0-3: (output weights, mean excess per class)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _digits_source(root / "data.parquet", degraded, seed)
     cfg = load_config(
         None,
         [
@@ -309,14 +312,17 @@ def degraded_run(root, seed: int = 0) -> dict:
     )
     store = RunStore(str(root / "run"))
     run_stage("reference", cfg, store)
-    return run_stage("reweight", cfg, store)
+    manifest = run_stage("reweight", cfg, store)
+    trace = pq.read_table(store.path("reweight", "trace.parquet")).to_pandas()
+    excess = trace.groupby("class")["excess"].mean().to_numpy()
+    return np.asarray(manifest["class_weights"]), excess
 
 
 def test_degraded_class_is_downweighted(ray_cluster, tmp_path):
-    """Noise images are unlearnable: the reference's loss on them is as high as the proxy's,
-    so the class's excess loss is the smallest and DRO moves weight away from it."""
-    manifest = degraded_run(tmp_path)
-    weights = np.asarray(manifest["class_weights"])
-    others = np.delete(weights, DEGRADED)
-    assert weights[DEGRADED] < 0.22 < 0.25 < weights.max()  # uniform: 0.25
-    assert weights[DEGRADED] < others.min() - 0.02
+    """Noise images raise the reference's loss as much as the proxy's: the class's excess
+    loss (what is still learnable) shrinks, so DRO moves weight away from it."""
+    clean_w, clean_excess = digits_run(tmp_path / "clean", None)
+    w, excess = digits_run(tmp_path / "degraded", DEGRADED)
+    assert w[DEGRADED] < clean_w[DEGRADED] - 0.03  # measured: 0.242 -> 0.178
+    assert w[DEGRADED] == w.min() < 0.25  # uniform: 0.25
+    assert excess[DEGRADED] < clean_excess[DEGRADED]
