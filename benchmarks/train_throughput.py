@@ -124,14 +124,18 @@ def main() -> int:
     )
     results: dict[str, list[float]] = {"plain": [], "ray1": [], "ray2": []}
     walls: dict[str, list[float]] = {"ray1": [], "ray2": []}
+    two = cfg.model_copy(deep=True)
+    two.train.threads_per_worker = max(1, threads // 2)
     for r in range(args.rounds):
-        results["plain"].append(plain_loop(cfg, x, y, spec, args.steps, args.warmup, threads))
-        two = cfg.model_copy(deep=True)
-        two.train.threads_per_worker = max(1, threads // 2)
-        for name, workers, c in (("ray1", 1, cfg), ("ray2", 2, two)):
-            ips, wall = ray_loop(c, rows, labels, spec, workers, args.steps, args.warmup)
+        order = ["plain", "ray1", "ray2"] if r % 2 == 0 else ["ray2", "ray1", "plain"]
+        for name in order:  # alternate the order so a drifting machine load cancels out
+            if name == "plain":
+                ips = plain_loop(cfg, x, y, spec, args.steps, args.warmup, threads)
+            else:
+                workers, c = (1, cfg) if name == "ray1" else (2, two)
+                ips, wall = ray_loop(c, rows, labels, spec, workers, args.steps, args.warmup)
+                walls[name].append(wall)
             results[name].append(ips)
-            walls[name].append(wall)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(
