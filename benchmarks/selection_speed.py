@@ -7,6 +7,9 @@
 (b) a class-wise run at ImageNet scale (synthetic clustered float32 embeddings; full size is
     --b-rows 1281167 --b-classes 1000): gaussian and knn wall time and peak RSS.
 (c) unlabelled knn through faiss (flat = exact, ivf = approximate): wall time and peak RSS.
+(d) the Ray `select` stage (groupby label + map_groups) on the part (b) embeddings written as
+    embed/embeddings.parquet: wall time and peak memory (PSS) of the driver and every Ray
+    process together.
 
 Every measurement runs in a fresh process (its peak RSS is its own); data is generated there
 from a seed, so every process sees the same embeddings.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -99,6 +103,64 @@ def _job(data: dict[str, Any], task: str, kwargs: dict[str, Any]) -> dict[str, A
     }
 
 
+def _stage_job(data: dict[str, Any], criterion: str, keep_ratio: float) -> dict[str, Any]:
+    """Child process: write the embeddings as the embed stage does, run the Ray select stage."""
+    import tempfile
+    import threading
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from dedt_ray.config import load_config
+    from dedt_ray.embed import EMBEDDINGS, embedding_table
+    from dedt_ray.selection import stage
+    from dedt_ray.store import RunStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore(tmp)
+        X, y = clustered(data["n"], data["d"], data["classes"], data["seed"])
+        path = store.path("embed", EMBEDDINGS)
+        os.makedirs(path)
+        step = 100_000
+        for i in range(0, len(X), step):  # files of 100k rows, like embed.rows_per_file
+            part = embedding_table(
+                map(str, range(i, min(i + step, len(X)))), y[i : i + step], X[i : i + step]
+            )
+            pq.write_table(part, f"{path}/part-{i // step:03d}.parquet")
+        del X, y, part
+        cfg = load_config(
+            None, [f"select.criterion={criterion}", f"select.keep_ratio={keep_ratio}"]
+        )
+        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        me = psutil.Process()
+
+        def pss() -> int:
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            return total
+
+        base, peak, done = pss(), [0], threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.5):
+                peak[0] = max(peak[0], pss())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        start = time.perf_counter()
+        out = stage.run(cfg, store)
+        wall = time.perf_counter() - start
+        done.set()
+        watcher.join()
+        ray.shutdown()
+    return {"wall": wall, "kept": out["kept"], "base_gb": base / 2**30, "peak_gb": peak[0] / 2**30}
+
+
 def isolated(data: dict[str, Any], task: str, **kwargs: Any) -> dict[str, Any]:
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(_job, (data, task, kwargs))
@@ -173,9 +235,23 @@ def part_c(args: argparse.Namespace, log: Callable[[str], None]) -> None:
         log(f"ivf keeps {same:.4f} of the rows exact (flat) search keeps")
 
 
+def part_d(args: argparse.Namespace, log: Callable[[str], None]) -> None:
+    data = {"n": args.b_rows, "d": args.b_dim, "classes": args.b_classes, "seed": 1}
+    gb = args.b_rows * args.b_dim * 4 / 2**30
+    log(f"(d) Ray select stage, {args.b_rows} x {args.b_dim} ({gb:.2f} GiB), {args.b_classes} cl.")
+    rows = []
+    for criterion in ("gaussian", "knn"):
+        with mp.get_context("spawn").Pool(1) as pool:
+            r = pool.apply(_stage_job, (data, criterion, args.keep_ratio))
+        rows.append(
+            [criterion, r["wall"], r["base_gb"], r["peak_gb"], r["peak_gb"] / gb, r["kept"]]
+        )
+    table(rows, ["criterion", "wall s", "PSS idle GiB", "peak PSS GiB", "peak / matrix", "kept"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="a,b,c", help="comma list of a, b, c")
+    parser.add_argument("--parts", default="a,b,c", help="comma list of a, b, c, d")
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument("--a-rows", type=int, default=50_000)
     parser.add_argument("--a-dim", type=int, default=128)
@@ -195,7 +271,7 @@ def main() -> None:
 
     log(f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM")
     for part in args.parts.split(","):
-        {"a": part_a, "b": part_b, "c": part_c}[part.strip()](args, log)
+        {"a": part_a, "b": part_b, "c": part_c, "d": part_d}[part.strip()](args, log)
 
 
 if __name__ == "__main__":
