@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--memory-image-size", type=int, default=64)
     args = parser.parse_args()
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = images(args.images, args.image_size)
     with tempfile.TemporaryDirectory() as model:

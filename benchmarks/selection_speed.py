@@ -131,7 +131,7 @@ def _stage_job(data: dict[str, Any], criterion: str, keep_ratio: float) -> dict[
         cfg = load_config(
             None, [f"select.criterion={criterion}", f"select.keep_ratio={keep_ratio}"]
         )
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         me = psutil.Process()
 

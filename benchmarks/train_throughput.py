@@ -105,7 +105,7 @@ def main() -> int:
         parser.error("--steps must be a multiple of --warmup (Ray report windows)")
     cpus = len(os.sched_getaffinity(0))
     threads = args.threads or cpus
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = load_config(
         "configs/default.yaml" if Path("configs/default.yaml").exists() else None,
