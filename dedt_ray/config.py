@@ -272,6 +272,7 @@ class TuneConfig(Section):
     multi_objective: bool = False  # also minimise compute (train FLOPs): a Pareto front
     max_concurrent: int | None = Field(None, ge=1)  # None: from the cluster's CPUs/GPUs
     cpus_per_trial: float = Field(0.0, ge=0.0)  # the waiting trial function itself
+    max_failures: int = Field(1, ge=-1)  # retries of a crashed trial (-1: unlimited)
     seed: int = 0
     asha: AshaConfig = AshaConfig()
     trial_overrides: list[str] = []  # dotted overrides of every trial (its budget)

@@ -2,6 +2,10 @@
 
 Token authentication (on by default for local clusters since Ray 2.59) needs nothing here:
 Ray reads RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or its default token file by itself.
+
+A local cluster this module starts listens on loopback only (127.0.0.1): on Linux Ray would
+otherwise bind its GCS, raylet and worker gRPC servers to every interface. Clusters that
+other machines join are started with `ray start` (see docs/cluster.md), not here.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 
 import ray
 import ray.data
+from ray._private import ray_constants, services
 
 log = logging.getLogger("dedt_ray")
 
@@ -27,8 +32,35 @@ def init_ray(num_cpus: int | None = None, progress: bool | None = None) -> None:
         kwargs: dict = {"log_to_driver": True}
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-        ray.init(**kwargs)
+        if _starts_local_cluster():
+            _init_on_loopback(kwargs)
+        else:
+            ray.init(**kwargs)
     set_progress(sys.stderr.isatty() if progress is None else progress)
+
+
+def _starts_local_cluster() -> bool:
+    """Whether `ray.init()` would start a new cluster (no RAY_ADDRESS, no `ray start`)."""
+    try:
+        return services.canonicalize_bootstrap_address(None) is None
+    except ValueError:  # e.g. a ray:// client address, which ray.init handles itself
+        return False
+
+
+def _init_on_loopback(kwargs: dict) -> None:
+    """Start a new local cluster bound to 127.0.0.1.
+
+    On Linux `ray.init(_node_ip_address="127.0.0.1")` alone is rewritten to the machine's
+    routable address (services.resolve_ip_for_localhost); with ENABLE_RAY_CLUSTER off (the
+    macOS/Windows default, env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) Ray keeps the loopback
+    address and its servers listen on it only.
+    """
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def set_progress(enabled: bool) -> None:
