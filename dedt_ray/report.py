@@ -3,7 +3,8 @@
 `collect(store, ...)` reads whatever artifacts exist (a missing stage is simply left out);
 `render(report)` is pure and turns that into HTML. Sections: stages (counts, timings),
 selection picture, class weights, training curves, samples, metrics, per-class metrics,
-compute versus a full-data baseline run (`report.baseline_run`), the resolved config.
+compute versus a full-data baseline run (`report.baseline_run`), the sweep (`<run>/tune/`:
+results table, Pareto plot, best config, when `dedt-ray tune` ran there), the resolved config.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dedt_ray.store import MANIFEST, RunStore
 log = logging.getLogger("dedt_ray")
 
 REPORT = "report.html"
-STAGE_ORDER = ("embed", "select", "reference", "reweight", "latents", "train", "evaluate")
+STAGE_ORDER = ("embed", "select", "reference", "reweight", "latents", "train", "tdc", "evaluate")
 COUNT_KEYS = ("rows", "kept", "skipped", "real", "steps", "images_seen")
 HISTORY_FILES = ("metrics.parquet", "metrics.jsonl", "history.jsonl", "metrics.json")
 
@@ -43,6 +44,9 @@ class RunArtifacts:
     metrics: dict[str, Any] | None = None
     per_class: dict[str, Any] | None = None
     samples_png: bytes | None = None
+    tune_rows: list[dict[str, Any]] = field(default_factory=list)  # tune/results.parquet
+    tune_png: bytes | None = None
+    tune_best_yaml: str | None = None
 
 
 @dataclass
@@ -101,6 +105,14 @@ def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifac
         if store.exists("evaluate", "per_class.json"):
             art.per_class = store.read_json("evaluate", "per_class.json")
         art.samples_png = _maybe_bytes(store, "evaluate", "samples.png")
+    results = _maybe_bytes(store, "tune", "results.parquet")
+    if results is not None:
+        import pyarrow.parquet as pq
+
+        art.tune_rows = pq.read_table(io.BytesIO(results)).to_pylist()
+        art.tune_png = _maybe_bytes(store, "tune", "pareto.png")
+        best = _maybe_bytes(store, "tune", "best.yaml")
+        art.tune_best_yaml = best.decode() if best is not None else None
     return art
 
 
@@ -374,6 +386,30 @@ def compute_section(report: Report) -> str:
     return _section("compute", "Compute vs baseline", body)
 
 
+TUNE_COLUMNS = ("trial_id", "status", "quality", "train_flops", "train_rows", "loss", "pareto")
+
+
+def tune_section(run: RunArtifacts) -> str:
+    """The sweep in `<run>/tune/`: one row per trial, the Pareto plot, the best config."""
+    rows = run.tune_rows
+    if not rows:
+        return ""
+    params = sorted({k for r in rows for k in r if k.startswith("param.")})
+    cols = [c for c in TUNE_COLUMNS if any(c in r for r in rows)] + params
+    done = sum(r.get("status") == "done" for r in rows)
+    metric = next((r["metric_name"] for r in rows if r.get("metric_name")), "quality")
+    body = (
+        f"<p>{len(rows)} trials, {done} evaluated; quality = {_e(metric)}; "
+        "pareto = not dominated in (quality, training FLOPs).</p>"
+        + _table("tune", cols, [[r.get(c) for c in cols] for r in rows])
+    )
+    if run.tune_png:
+        body += _img(run.tune_png, "quality vs training compute, Pareto front")
+    if run.tune_best_yaml:
+        body += f"<h3>Best config (tune/best.yaml)</h3><pre>{_e(run.tune_best_yaml)}</pre>"
+    return _section("tune", "Sweep (dedt-ray tune)", body)
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
        padding: 0 1em; }
@@ -406,6 +442,7 @@ def render(report: Report) -> str:
         metrics_section(run),
         per_class_section(run),
         compute_section(report),
+        tune_section(run),
         _section("config", "Config", f"<pre>{_e(report.config_yaml)}</pre>"),
     ]
     body = "\n".join(s for s in sections if s)

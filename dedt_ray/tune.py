@@ -331,7 +331,13 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
                 search_alg=limiter, scheduler=scheduler, num_samples=cfg.tune.num_samples
             ),
             run_config=ray.tune.RunConfig(
-                name=SWEEP, storage_path=storage_path, callbacks=callbacks, verbose=1
+                name=SWEEP,
+                storage_path=storage_path,
+                callbacks=callbacks,
+                verbose=1,
+                # a retried trial reruns its pipeline: finished stages are skipped by their
+                # manifests and training resumes from its last checkpoint
+                failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures),
             ),
         )
     grid = tuner.fit()
@@ -417,7 +423,9 @@ def write_results(cfg: Config, base: RunStore, grid: Any, space: dict) -> dict[s
     front = pareto_front([(r["quality"], r[COMPUTE]) for r in done], cfg.tune.mode)
     for i, r in enumerate(done):
         r["pareto"] = i in front
-    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "_params"} for r in rows])
+    # every row with every column (from_pylist takes the columns of the first row only)
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "_params"))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in cols} for r in rows])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     base.write_bytes(sink.getvalue().to_pybytes(), "tune", "results.parquet")
@@ -470,8 +478,11 @@ def pareto_png(done: list[dict[str, Any]], mode: str) -> bytes:
 
 
 def main(cfg: Config, run_dir: str) -> int:
-    """`dedt-ray tune`: run or resume the sweep and print the results table."""
+    """`dedt-ray tune`: run or resume the sweep, print the results table, write the report."""
+    from dedt_ray.pipeline import run_stage
+
     out = run_sweep(cfg, run_dir)
+    report = run_stage("report", cfg, RunStore(run_dir))  # its "Sweep" section
     cols = ["trial_id", "status", "quality", "loss", COMPUTE, "train_rows"]
     params = sorted({k for r in out["rows"] for k in r if k.startswith("param.")})
     print("\n" + "  ".join([*cols, *params]))
@@ -479,6 +490,7 @@ def main(cfg: Config, run_dir: str) -> int:
         print("  ".join(_fmt(r.get(c)) for c in [*cols, *params]))
     if "best" in out:
         print(f"\nbest config: {out['best_yaml']}  (dedt-ray run --config {out['best_yaml']})")
+    print(f"report: {report['summary']}")
     return 0
 
 

@@ -247,3 +247,26 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path: Path) -> None:
     # the embedded images rendered: their solid colours appear on screen
     for color in ((200, 30, 30), (30, 30, 200), (20, 160, 20)):
         assert (np.abs(pixels - np.array(color)).sum(axis=-1) < 12).sum() > 500
+
+
+def test_tune_section_from_results(tmp_path: Path) -> None:
+    """A run directory with sweep output gets the trials table, Pareto plot and best config."""
+    store = RunStore(str(tmp_path / "sweep"))
+    rows = [
+        {"trial_id": "a", "status": "done", "quality": 3.5, "metric_name": "FD_digits-cnn",
+         "train_flops": 2e12, "train_rows": 900, "pareto": True, "param.select.keep_ratio": 0.5},
+        {"trial_id": "b", "status": "stopped", "quality": None, "metric_name": None,
+         "train_flops": 1e12, "train_rows": 300, "pareto": None, "param.select.keep_ratio": 0.2},
+    ]  # fmt: skip
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    store.write_bytes(sink.getvalue().to_pybytes(), "tune", "results.parquet")
+    store.write_bytes(_png((20, 160, 20)), "tune", "pareto.png")
+    store.write_text("# best of 1\nselect:\n  keep_ratio: 0.5\n", "tune", "best.yaml")
+    page = render(collect(store, "seed: 0\n"))
+    table = parse_tables(page)["tune"]
+    assert [r[0][0] for r in table] == ["a", "b"]
+    assert table[0][2] == ("3.5", "3.5") and table[1][1][0] == "stopped"
+    assert "1 evaluated" in page and "keep_ratio: 0.5" in page
+    assert "Pareto front" in page and page.count("data:image/png") == 1
+    assert '<section id="tune">' not in render(collect(RunStore(str(tmp_path / "x")), ""))

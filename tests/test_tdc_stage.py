@@ -100,9 +100,11 @@ def test_flops_accounting_and_rounds(tdc_run) -> None:
     sampling = manifest["sampling_flops"]
     assert 0 < sampling["routed_flops_per_image"] < sampling["single_flops_per_image"]
     rounds = store.read_json("tdc", "rounds.json")
-    assert len(rounds) == 4 and {r["group"] for r in rounds} == {0, 1}
+    # the full-budget group 0 keeps the base model: no search
+    assert groups[0]["rounds"] == 0 and groups[0]["search_flops"] == 0
+    assert len(rounds) == 2 and {r["group"] for r in rounds} == {1}
     assert all({"round", "proposer", "ratios", "flops", "score"} <= set(r) for r in rounds)
-    assert store.exists("tdc", "proxy-0.db") and store.exists("tdc", "proxy-1.db")
+    assert store.exists("tdc", "proxy-1.db") and not store.exists("tdc", "proxy-0.db")
 
 
 def test_sample_cli_accepts_routed(tdc_run, tmp_path) -> None:

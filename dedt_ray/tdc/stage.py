@@ -19,6 +19,7 @@ Groups run one after another; each stage-2 run is its own Ray Train run (DDP ove
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -170,30 +171,33 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     models, per_group = [], []
     for g, (lo, hi) in enumerate(groups):
         t0 = time.time()
-        pruner = UNetPruner.from_denoising(
-            base, noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
-        )
-        db = store.local_path(OUT, f"proxy-{g}.db")
-        proxy = make_proxy(cfg, pruner, described[g], budgets[g], db)
+        if budgets[g] >= base_fwd:  # the full-size group: the base model, nothing to search
+            ratios, pruned, history, search, best_score = {}, copy.deepcopy(base), [], 0, None
+        else:
+            pruner = UNetPruner.from_denoising(
+                base, noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
+            )
+            db = store.local_path(OUT, f"proxy-{g}.db")
+            proxy = make_proxy(cfg, pruner, described[g], budgets[g], db)
 
-        def score(model: torch.nn.Module, t_range: tuple[int, int] = (lo, hi)) -> float:
-            return denoising_score(
-                model, noise_scheduler, data, t_range, tc.score_steps, cfg.train.lr * 0.1,
-                cfg.seed, batch_size=SCORE_BATCH,
-            )  # fmt: skip
+            def score(model: torch.nn.Module, t_range: tuple[int, int] = (lo, hi)) -> float:
+                return denoising_score(
+                    model, noise_scheduler, data, t_range, tc.score_steps, cfg.train.lr * 0.1,
+                    cfg.seed, batch_size=SCORE_BATCH,
+                )  # fmt: skip
 
-        ratios, pruned, history = decide_group(
-            base, (lo, hi), budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
-        )
-        search = search_flops(base_fwd, history, n, tc.score_steps)
+            ratios, pruned, history = decide_group(
+                base, (lo, hi), budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
+            )
+            search = search_flops(base_fwd, history, n, tc.score_steps)
+            best_score = min(r.score for r in history if r.score is not None)
         rounds += [{"group": g, **r.to_dict()} for r in history]
-        best = min((r for r in history if r.score is not None), key=lambda r: r.score)
         pruned_dir = store.local_path(OUT, "pruned", f"group_{g:02d}")
         save_pruned(pruned, pruned_dir)
         pruned_fwd = model_flops(pruned)
         log.info(
-            "tdc: group %d [%d, %d): %d rounds, best score %.4f at %.1f%% of the base FLOPs",
-            g, lo, hi, len(history), best.score, 100 * pruned_fwd / base_fwd,
+            "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
+            g, lo, hi, len(history), best_score, 100 * pruned_fwd / base_fwd,
         )  # fmt: skip
 
         extra = {"tdc_group": g, "t_range": [lo, hi], "train": train_manifest["output_id"],
@@ -214,7 +218,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
                 "ratios": ratios,
                 "flops_per_image": pruned_fwd,
                 "flops_fraction": pruned_fwd / base_fwd,
-                "best_score": best.score,
+                "best_score": best_score,
                 "rounds": len(history),
                 "search_flops": search,
                 "stage2_steps": state["step"],
