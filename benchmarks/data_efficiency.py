@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dedt_ray import tune
 from dedt_ray.config import Config, load_config
 from dedt_ray.store import RunStore
 from dedt_ray.tune import _copy_shared, run_trial_pipeline, trial_config
@@ -74,8 +75,8 @@ class _Discard:
 
 
 def epoch_steps(n_rows: int, epochs: float, batch: int, min_steps: int = MIN_STEPS) -> int:
-    """The compute rule: equal epochs over the rows trained on, at least `min_steps`."""
-    return max(min_steps, math.ceil(epochs * n_rows / batch))
+    """The compute rule (`dedt_ray.tune.epoch_steps`, as `tune.epochs` sweeps use it)."""
+    return tune.epoch_steps(n_rows, epochs, batch, min_steps)
 
 
 def run_one(spec: Spec, base: RunStore, cfg: Config, epochs: float, min_steps: int) -> None:

@@ -276,6 +276,10 @@ class TuneConfig(Section):
     seed: int = 0
     asha: AshaConfig = AshaConfig()
     trial_overrides: list[str] = []  # dotted overrides of every trial (its budget)
+    # trial budget by epochs: train.steps = max(min_steps, ceil(epochs * rows kept / batch)),
+    # so compute follows the kept data (a real quality/compute trade-off); None: train.steps
+    epochs: float | None = Field(None, gt=0)
+    min_steps: int = Field(10, ge=1)
 
 
 class ReportConfig(Section):

@@ -163,6 +163,10 @@ def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: 
     _copy_shared(base, store)
     space = {k: TuneParam.model_validate(v) for k, v in ctx["space"].items()}
     cfg = trial_config(ctx["base"], ctx["fixed"], params, space)
+    if cfg.tune.epochs:  # the budget follows the rows the trial trains on
+        steps = epoch_steps(_train_rows(cfg, store), cfg.tune.epochs, cfg.train.batch_size,
+                            cfg.tune.min_steps)  # fmt: skip
+        cfg = trial_config(ctx["base"], [*ctx["fixed"], f"train.steps={steps}"], params, space)
     train.TRAIN_CALLBACKS[:] = [ForwardReports(queue)]
     done = run_pipeline(cfg, store, only=[s for s in STAGES if s not in NOT_IN_TRIALS])
     if store.manifest("embed")["output_id"] != base.manifest("embed")["output_id"]:
@@ -183,6 +187,20 @@ def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: 
         "trial_dir": store.uri(store.root),
         "evaluated": 1,
     }
+
+
+def epoch_steps(n_rows: int, epochs: float, batch: int, min_steps: int = 1) -> int:
+    """The epoch budget: equal passes over the rows trained on, at least `min_steps`."""
+    return max(min_steps, math.ceil(epochs * n_rows / batch))
+
+
+def _train_rows(cfg: Config, store: RunStore) -> int:
+    """Rows the trial trains on: the selection's kept rows (running select), else all rows."""
+    from dedt_ray.pipeline import run_stage
+
+    if cfg.select.enabled:
+        return int(run_stage("select", cfg, store)["kept"])
+    return int(store.manifest("embed")["rows"])
 
 
 def _copy_shared_folder(src: RunStore, dst: RunStore, folder: str) -> None:
@@ -318,7 +336,7 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
                 time_attr="training_iteration",
                 metric=ASHA_METRIC,
                 mode="min",
-                max_t=max_reports(cfg),
+                max_t=max_reports(cfg, int(embed["rows"])),
                 grace_period=asha.grace_period,
                 reduction_factor=asha.reduction_factor,
             )
@@ -344,11 +362,15 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
     return write_results(cfg, base, grid, space)
 
 
-def max_reports(cfg: Config) -> int:
-    """Results one trial reports: one per train log/checkpoint step, plus the final one."""
+def max_reports(cfg: Config, rows: int) -> int:
+    """Results one trial reports at most: one per train log/checkpoint step, plus the final
+    one (with an epoch budget, for a trial that keeps all `rows`)."""
     tc = trial_config(cfg.model_dump(mode="json"), cfg.tune.trial_overrides, {}, {}).train
+    steps = tc.steps
+    if cfg.tune.epochs:
+        steps = epoch_steps(rows, cfg.tune.epochs, tc.batch_size, cfg.tune.min_steps)
     every = min(tc.log_every, tc.checkpoint_every)
-    return math.ceil(tc.steps / every) + 2
+    return math.ceil(steps / every) + 2
 
 
 def optuna_storage(base: RunStore) -> Any:

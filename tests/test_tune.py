@@ -11,7 +11,15 @@ import yaml
 
 from dedt_ray.config import load_config
 from dedt_ray.store import RunStore
-from dedt_ray.tune import active_space, pareto_front, run_sweep, suggest, trial_overrides
+from dedt_ray.tune import (
+    active_space,
+    epoch_steps,
+    max_reports,
+    pareto_front,
+    run_sweep,
+    suggest,
+    trial_overrides,
+)
 
 TINY = [
     "data.image_size=8",
@@ -78,6 +86,15 @@ def test_space_is_conditional_and_skips_missing_sections():
 def test_pareto_front():
     pts = [(1.0, 10.0), (2.0, 5.0), (3.0, 6.0), (0.5, 20.0)]
     assert pareto_front(pts) == [0, 1, 3]
+
+
+def test_epoch_budget_follows_the_rows():
+    assert epoch_steps(1797, 2, 32) == 113 and epoch_steps(180, 2, 32) == 12
+    assert epoch_steps(10, 2, 32, min_steps=10) == 10
+    over = ["train.batch_size=32", "tune.trial_overrides=[train.steps=4,train.log_every=10]"]
+    assert max_reports(load_config(None, over), 1797) == 3  # train.steps=4: one report + 2
+    budget = load_config(None, [*over, "tune.epochs=2"])
+    assert max_reports(budget, 1797) == 12 + 2  # 113 steps, a report every 10
 
 
 @pytest.mark.slow
