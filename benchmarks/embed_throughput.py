@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
 import ray
 import ray.data
 import torch
+from peak_memory import PeakMemory
 from transformers import ViTConfig, ViTModel
 
 from dedt_ray.config import EmbedConfig
@@ -86,40 +85,16 @@ def _generate(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     }
 
 
-def ray_memory() -> int:
-    """PSS of this driver and every process it started (the local Ray cluster): shared
-    object-store pages are counted once, split between the processes that map them."""
-    total = 0
-    me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
-
-
 def peak_memory(n: int, size: int) -> tuple[float, float]:
     """(seconds, peak memory of all Ray processes above the start, GiB) embedding n images."""
     ds = ray.data.range(n, override_num_blocks=max(4, n // 1000))
     ds = ds.map_batches(_generate, fn_kwargs={"size": size}, batch_size=1000)
     emb = EmbedConfig(encoder="random_projection", dim=128, batch_size=500)
-    base = ray_memory()
-    peak, done = [base], threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.5):
-            peak[0] = max(peak[0], ray_memory())
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
+    with PeakMemory() as mem, tempfile.TemporaryDirectory() as out:
         embed_dataset(ds, emb, 3, size).write_parquet(out)
     seconds = time.perf_counter() - start
-    done.set()
-    thread.join()
-    return seconds, (peak[0] - base) / 2**30
+    return seconds, (mem.peak - mem.base) / 2**30
 
 
 def main() -> None:

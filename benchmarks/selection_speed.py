@@ -106,10 +106,10 @@ def _job(data: dict[str, Any], task: str, kwargs: dict[str, Any]) -> dict[str, A
 def _stage_job(data: dict[str, Any], criterion: str, keep_ratio: float) -> dict[str, Any]:
     """Child process: write the embeddings as the embed stage does, run the Ray select stage."""
     import tempfile
-    import threading
 
     import pyarrow.parquet as pq
     import ray
+    from peak_memory import PeakMemory
 
     from dedt_ray.config import load_config
     from dedt_ray.embed import EMBEDDINGS, embedding_table
@@ -133,32 +133,17 @@ def _stage_job(data: dict[str, Any], criterion: str, keep_ratio: float) -> dict[
         )
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        me = psutil.Process()
-
-        def pss() -> int:
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            return total
-
-        base, peak, done = pss(), [0], threading.Event()
-
-        def watch() -> None:
-            while not done.wait(0.5):
-                peak[0] = max(peak[0], pss())
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        start = time.perf_counter()
-        out = stage.run(cfg, store)
-        wall = time.perf_counter() - start
-        done.set()
-        watcher.join()
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            out = stage.run(cfg, store)
+            wall = time.perf_counter() - start
         ray.shutdown()
-    return {"wall": wall, "kept": out["kept"], "base_gb": base / 2**30, "peak_gb": peak[0] / 2**30}
+    return {
+        "wall": wall,
+        "kept": out["kept"],
+        "base_gb": mem.base / 2**30,
+        "peak_gb": mem.peak / 2**30,
+    }
 
 
 def isolated(data: dict[str, Any], task: str, **kwargs: Any) -> dict[str, Any]:
