@@ -117,3 +117,36 @@ def test_sample_cli_accepts_routed(tdc_run, tmp_path) -> None:
          "--out", str(out)]
     )  # fmt: skip
     assert code == 0 and (out / "samples.npz").is_file()
+
+
+def test_stage2_parallelism_follows_config_and_resources(ray_cluster) -> None:
+    from dedt_ray.tdc.stage import stage2_parallelism
+
+    assert stage2_parallelism(load_config(None, TINY), 2) == 1  # in-process trainer
+    workers = TINY + ["train.num_workers=1", "train.cpus_per_worker=0.5"]
+    # 2 CPUs, one kept for Ray Data: two half-CPU runs fit, never more than the groups
+    assert stage2_parallelism(load_config(None, workers), 3) == 2
+    assert stage2_parallelism(load_config(None, workers), 1) == 1
+    assert stage2_parallelism(load_config(None, [*workers, "tdc.parallel_groups=1"]), 2) == 1
+
+
+@pytest.mark.slow
+def test_stage2_groups_train_concurrently(tdc_run, tmp_path) -> None:
+    import shutil
+
+    from dedt_ray.tdc import stage
+
+    _, store, _ = tdc_run
+    shutil.copytree(store.root, tmp_path / "run", ignore=shutil.ignore_patterns("tdc", "_ray"))
+    copy = RunStore(str(tmp_path / "run"))
+    overrides = ["train.num_workers=1", "train.cpus_per_worker=0.5", "tdc.rounds=1"]
+    cfg = load_config(None, TINY + overrides)
+    manifest = stage.run(cfg, copy)
+    assert manifest["stage2_parallel"] == 2
+    groups = manifest["groups"]
+    assert [g["stage2_steps"] for g in groups] == [3, 3]
+    starts = [g["stage2_started"] for g in groups]
+    ends = [g["stage2_started"] + g["stage2_seconds"] for g in groups]
+    assert max(starts) < min(ends)  # the two Ray Train runs overlapped in time
+    unet, _, _, _ = load_export(copy.path(*ROUTED))
+    assert isinstance(unet, RoutedUNet) and len(unet.models) == 2

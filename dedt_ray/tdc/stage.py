@@ -13,8 +13,10 @@ Ray Train ``fit`` with ``t_range`` and the pruned model as ``init_unet``). Outpu
 - the manifest: groups, budgets, training FLOPs (stage 1 + search + stage 2) next to the
   single-model baseline's, and sampling FLOPs per image next to the single model's.
 
-Groups run one after another; each stage-2 run is its own Ray Train run (DDP over
-``train.num_workers``). The run directory must be local (``init_unet`` is a local path).
+The pruning decisions run in the driver, one group after another. Each stage-2 fine-tune is
+its own Ray Train run (DDP over ``train.num_workers``); ``tdc.parallel_groups`` of them run at
+once (default: as many as the free CPUs / GPUs hold; one at a time with
+``train.num_workers=0``). The run directory must be local (``init_unet`` is a local path).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import copy
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -106,6 +109,27 @@ def stage2_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"train": train})
 
 
+def stage2_parallelism(cfg: Config, n_groups: int) -> int:
+    """How many stage-2 fine-tunes run at once: ``tdc.parallel_groups`` if set, else as many
+    Ray Train runs as the cluster's free CPUs (one left for Ray Data) and GPUs hold.
+    In-process training (``train.num_workers=0``) runs the groups one after another."""
+    import ray
+
+    from dedt_ray.runtime import cluster_gpus
+
+    tc = cfg.train
+    if cfg.tdc.parallel_groups is not None:
+        return min(cfg.tdc.parallel_groups, n_groups)
+    if tc.num_workers == 0:
+        return 1
+    free = ray.available_resources()
+    use_gpu = tc.use_gpu if tc.use_gpu is not None else cluster_gpus() > 0
+    fits = (free.get("CPU", 0.0) - 1.0) // (tc.num_workers * tc.cpus_per_worker)
+    if use_gpu:
+        fits = min(fits, free.get("GPU", 0.0) // tc.num_workers)
+    return int(max(1, min(n_groups, fits)))
+
+
 def finetuned_model(pruned_dir: str, state: dict[str, Any]) -> torch.nn.Module:
     """The pruned architecture with the stage-2 EMA weights."""
     from dedt_ray.tdc.pruning import load_pruned
@@ -164,11 +188,11 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     data = score_batch(rows, tc.score_images, cfg.seed, not spec.latent, conditional)
     n = data.images.shape[0]
 
-    # -- per group: proxy-based pruning decision, then stage 2 -----------------------------
+    # -- per group: proxy-based pruning decision (in the driver) ---------------------------
     cfg2 = stage2_config(cfg)
     store.clear(OUT)
     rounds: list[dict[str, Any]] = []
-    models, per_group = [], []
+    per_group: list[dict[str, Any]] = []
     for g, (lo, hi) in enumerate(groups):
         t0 = time.time()
         if budgets[g] >= base_fwd:  # the full-size group: the base model, nothing to search
@@ -192,26 +216,12 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             search = search_flops(base_fwd, history, n, tc.score_steps)
             best_score = min(r.score for r in history if r.score is not None)
         rounds += [{"group": g, **r.to_dict()} for r in history]
-        pruned_dir = store.local_path(OUT, "pruned", f"group_{g:02d}")
-        save_pruned(pruned, pruned_dir)
+        save_pruned(pruned, store.local_path(OUT, "pruned", f"group_{g:02d}"))
         pruned_fwd = model_flops(pruned)
         log.info(
             "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
             g, lo, hi, len(history), best_score, 100 * pruned_fwd / base_fwd,
         )  # fmt: skip
-
-        extra = {"tdc_group": g, "t_range": [lo, hi], "train": train_manifest["output_id"],
-                 "ratios": ratios, "tdc": tc.model_dump(mode="json")}  # fmt: skip
-        key = resume_key(cfg2, inputs.used, extra)
-        metrics, state = fit(
-            cfg2, store, rows, labels, spec, class_weights, key,
-            out=f"tdc-g{g}", t_range=(lo, hi), init_unet=pruned_dir,
-        )  # fmt: skip
-        models.append(finetuned_model(pruned_dir, state))
-        ray_dir = ("_ray", f"tdc-g{g}-{key}")
-        if store.exists(*ray_dir):
-            store.fs.delete_dir(store.path(*ray_dir))
-        stage2 = int(state["flops_per_step"] * state["step"])
         per_group.append(
             {
                 **described[g],
@@ -221,13 +231,52 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
                 "best_score": best_score,
                 "rounds": len(history),
                 "search_flops": search,
-                "stage2_steps": state["step"],
-                "stage2_flops": stage2,
-                "stage2_loss": metrics.get("loss"),
-                "seconds": round(time.time() - t0, 3),
+                "search_seconds": round(time.time() - t0, 3),
             }
         )
     store.write_json(rounds, OUT, "rounds.json")
+
+    # -- stage 2: each group's fine-tune, as many at once as the cluster holds ---------------
+    parallel = stage2_parallelism(cfg, len(groups))
+    if parallel > 1 and cfg.train.threads_per_worker is None:  # runs share the node's cores
+        threads = max(1, int(cfg.train.cpus_per_worker))
+        cfg2 = cfg2.model_copy(
+            update={"train": cfg2.train.model_copy(update={"threads_per_worker": threads})}
+        )
+    log.info("tdc: stage 2, %d group fine-tunes, %d at a time", len(groups), parallel)
+
+    def finetune(g: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+        pruned_dir = store.local_path(OUT, "pruned", f"group_{g:02d}")
+        extra = {
+            "tdc_group": g,
+            "t_range": list(groups[g]),
+            "ratios": per_group[g]["ratios"],
+            "train": train_manifest["output_id"],
+            "tdc": tc.model_dump(mode="json"),
+        }
+        key = resume_key(cfg2, inputs.used, extra)
+        t0 = time.time()
+        metrics, state = fit(
+            cfg2, store, rows, labels, spec, class_weights, key,
+            out=f"tdc-g{g}", t_range=groups[g], init_unet=pruned_dir,
+        )  # fmt: skip
+        ray_dir = ("_ray", f"tdc-g{g}-{key}")
+        if store.exists(*ray_dir):
+            store.fs.delete_dir(store.path(*ray_dir))
+        done = {
+            "stage2_steps": state["step"],
+            "stage2_flops": int(state["flops_per_step"] * state["step"]),
+            "stage2_loss": metrics.get("loss"),
+            "stage2_started": t0,
+            "stage2_seconds": round(time.time() - t0, 3),
+        }
+        return finetuned_model(pruned_dir, state), done
+
+    with ThreadPoolExecutor(parallel, thread_name_prefix="tdc-stage2") as pool:
+        finished = list(pool.map(finetune, range(len(groups))))  # Train V2 fit runs in threads
+    models = [model for model, _ in finished]
+    for row, (_, done) in zip(per_group, finished, strict=True):
+        row.update(done)
 
     # -- routed export ---------------------------------------------------------------------
     routed = RoutedUNet(models, groups, scheduler_config(noise_scheduler))
@@ -280,6 +329,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     return {
         "rows": len(groups),
         "groups": per_group,
+        "stage2_parallel": parallel,
         "base_flops_per_image": base_fwd,
         "training_flops": training,
         "sampling_flops": sampling,
