@@ -4,6 +4,9 @@
    --finetune-steps per group) -> `evaluate` (the routed model).
 2. Baseline run: one model trained for as many steps as TDC's total training FLOPs buy
    (total / flops_per_step), then `evaluate`.
+3. The stage-1 model alone (TDC's starting point, a copy of run 1 without `tdc`), evaluated:
+   stage1 -> tdc is what pruning + stage 2 did, stage1 -> single what the same FLOPs buy
+   when spent on the single model.
 
 Prints quality (the evaluate stage's FD and its feature space), sampling FLOPs per image and
 training FLOPs of both, and writes them to `<out>/results.json`. Both runs measure FD with
@@ -84,9 +87,16 @@ def main() -> None:
     if os.path.isdir(classifier):  # the same FD feature space for both
         shutil.copytree(classifier, os.path.join(single_dir, "classifier"), dirs_exist_ok=True)
     base = run(single_dir, base_over, ["train", "evaluate"])
+    # the stage-1 model alone (TDC's starting point): splits TDC's gap into training and pruning
+    stage1_dir = os.path.join(args.out, "stage1")
+    skip = shutil.ignore_patterns("tdc", "evaluate", "_ray")
+    shutil.copytree(os.path.join(args.out, "tdc"), stage1_dir, ignore=skip, dirs_exist_ok=True)
+    stage1_over = [o for o in tdc_over if o != "tdc.enabled=true"]
+    stage1 = run(stage1_dir, stage1_over, ["train", "evaluate"])
 
     sampling = tdc["tdc"]["sampling_flops"]
     rows = [
+        ("stage1", args.stage1_steps, stage1["train"]["flops"], stage1["evaluate"]),
         ("single", steps, base["train"]["flops"], base["evaluate"]),
         ("tdc", args.stage1_steps, flops["total_flops"], tdc["evaluate"]),
     ]

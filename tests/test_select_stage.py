@@ -30,12 +30,19 @@ def _fake_embed(store: RunStore, n_per_class=(30, 12, 1), dim=6, seed=0):
     store.write_manifest("embed", {"output_id": "fake", "rows": len(ids)})
 
 
-@pytest.mark.parametrize("criterion", ["gaussian", "moderate"])  # all criteria: test_selection
-def test_stage_matches_pure_select(ray_cluster, tmp_path, criterion):
+@pytest.mark.parametrize(  # all criteria: test_selection; both groupby shuffles
+    "criterion,shuffle",
+    [("gaussian", "auto"), ("moderate", "sort"), ("gaussian", "hash")],
+)
+def test_stage_matches_pure_select(ray_cluster, tmp_path, criterion, shuffle):
     store = RunStore(str(tmp_path / "run"))
     _fake_embed(store)
-    cfg = load_config(None, [f"select.criterion={criterion}", "select.keep_ratio=0.3"])
+    overrides = [f"select.criterion={criterion}", "select.keep_ratio=0.3"]
+    cfg = load_config(None, [*overrides, f"select.shuffle={shuffle}"])
     manifest = run_stage("select", cfg, store)
+    assert manifest["shuffle"] == (
+        "hash_shuffle" if shuffle == "hash" else "sort_shuffle_pull_based"
+    )
 
     scores = pads.dataset(store.path("select", "scores.parquet")).to_table().to_pandas()
     assert list(scores.columns) == ["id", "label", "criterion", "score", "kept"]
@@ -59,3 +66,12 @@ def test_stage_matches_pure_select(ray_cluster, tmp_path, criterion):
 def test_select_needs_embed_first(ray_cluster, tmp_path):
     with pytest.raises(RuntimeError, match="needs 'embed' first"):
         run_stage("select", load_config(None), RunStore(str(tmp_path / "run")))
+
+
+def test_shuffle_choice_follows_embedding_size():
+    from dedt_ray.selection.stage import HASH_SHUFFLE_BYTES, ShuffleStrategy, shuffle_strategy
+
+    assert shuffle_strategy("auto", 1000) is ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    assert shuffle_strategy("auto", HASH_SHUFFLE_BYTES) is ShuffleStrategy.HASH_SHUFFLE
+    assert shuffle_strategy("sort", 10 * HASH_SHUFFLE_BYTES).value == "sort_shuffle_pull_based"
+    assert shuffle_strategy("hash", 1000) is ShuffleStrategy.HASH_SHUFFLE
