@@ -76,6 +76,7 @@ class SelectConfig(Section):
     )
     keep_ratio: float = Field(0.5, gt=0.0, le=1.0)
     k: int = Field(5, ge=1)
+    knn_index: Literal["flat", "ivf"] = "flat"  # faiss search for knn classes above 20k rows
     seed: int = 0
     # groupby shuffle: "sort" (no extra actors, ~3 copies of the embeddings at its peak),
     # "hash" (streams into aggregator actors, ~2x at its peak), "auto": hash from 1 GiB up

@@ -26,13 +26,17 @@ EXAMPLES = "examples.png"
 HASH_SHUFFLE_BYTES = 2**30  # select.shuffle=auto: hash shuffle from 1 GiB of embeddings
 
 
-def _score_group(group: pa.Table, criterion: str, keep_ratio: float, seed: int, k: int) -> pa.Table:
+def _score_group(
+    group: pa.Table, criterion: str, keep_ratio: float, seed: int, k: int, index: str
+) -> pa.Table:
     group = group.sort_by("id")  # a deterministic row order within the class
     label = int(group.column("label")[0].as_py())
     emb = group.column("embedding").combine_chunks()
     x = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(group), emb.type.list_size)
     keep = n_keep_for(len(group), keep_ratio)
-    scores, notes = score_class(x, criterion, n_keep=keep, seed=class_seed(seed, label), k=k)
+    scores, notes = score_class(
+        x, criterion, n_keep=keep, seed=class_seed(seed, label), k=k, index=index
+    )
     kept = keep_mask_class(scores, criterion, keep)
     note = [""] * len(group)
     if notes:
@@ -111,6 +115,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
                 "keep_ratio": sel.keep_ratio,
                 "seed": sel.seed,
                 "k": sel.k,
+                "index": sel.knn_index,
             },
             batch_format="pyarrow",
         )
