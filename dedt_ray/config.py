@@ -218,6 +218,7 @@ class TDCConfig(Section):
     score_steps: int = Field(20, ge=0)  # fine-tune steps when scoring a candidate
     score_images: int = Field(256, ge=4)  # images for Taylor importance and scoring
     finetune_steps: int = Field(500, ge=1)  # stage 2 steps per group (train.* otherwise)
+    finetune_lr: float | None = Field(None, gt=0.0)  # stage 2 peak lr; None: train.lr
     parallel_groups: int | None = Field(None, ge=1)  # stage-2 runs at once; None: what fits
 
     @model_validator(mode="after")

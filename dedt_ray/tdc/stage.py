@@ -97,11 +97,13 @@ def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, d
 
 
 def stage2_config(cfg: Config) -> Config:
-    """The train config of a group's fine-tune: ``tdc.finetune_steps`` steps."""
+    """The train config of a group's fine-tune: ``tdc.finetune_steps`` steps at
+    ``tdc.finetune_lr`` (default ``train.lr``)."""
     steps = cfg.tdc.finetune_steps
     train = cfg.train.model_copy(
         update={
             "steps": steps,
+            "lr": cfg.tdc.finetune_lr or cfg.train.lr,
             "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
             "checkpoint_every": min(cfg.train.checkpoint_every, steps),
         }
