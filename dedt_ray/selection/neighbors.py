@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
 from dedt_ray.selection._util import row_chunks
 
 BLOCK_BYTES = 2**27  # one block of the squared-distance matrix: at most 128 MiB
+SCRATCH_BYTES = 2**24  # blocks up to 16 MiB reuse two per-thread scratch arrays
+
+_scratch = threading.local()
+
+
+def _scratch_array(name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A float64 array of `shape`, reused across calls while it is small.
+
+    Many classes mean many same-sized matrices; a fresh large array costs a page fault per
+    4 KiB page, which took over half of the knn time for 500-member classes on a VM.
+    """
+    size = shape[0] * shape[1]
+    if 8 * size > SCRATCH_BYTES:
+        return np.empty(shape)
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size)
+        setattr(_scratch, name, buf)
+    return buf[:size].reshape(shape)
 
 
 def pair_dist(X: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -35,12 +55,15 @@ def exact_kth(X: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarr
     kth = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), step):
         block = rows[start : start + step]
+        part = _scratch_array("gram", (len(block), n))
         # Xc @ Xc.T (one block for the whole class) lets BLAS use the symmetric syrk.
-        part = Xc @ Xc.T if all_rows and len(block) == n else Xc[block] @ Xc.T
+        np.matmul(Xc if all_rows and len(block) == n else Xc[block], Xc.T, out=part)
         np.subtract(half_sq, part, out=part)  # (d2[i, j] - sq[i]) / 2: same order along j
         part[np.arange(len(block)), block] = np.inf  # a row is not its own neighbour
-        value = np.partition(part, k - 1, axis=1)[:, k - 1]  # faster than argpartition
-        kth[start : start + len(block)] = (part == value[:, None]).argmax(axis=1)
+        ordered = _scratch_array("partition", part.shape)
+        np.copyto(ordered, part)
+        ordered.partition(k - 1, axis=1)  # faster than argpartition
+        kth[start : start + len(block)] = (part == ordered[:, k - 1 : k]).argmax(axis=1)
     return pair_dist(X, rows, kth)
 
 
