@@ -40,29 +40,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
-MODEL = [
-    "data.image_size=8",
-    "model.block_out_channels=[8,16]",
-    "model.norm_num_groups=4",
-    "model.attention_head_dim=4",
-    "model.mid_attention=false",
-    "model.attention_levels=[false,false]",
-    "train.batch_size=8",
-    "train.warmup_steps=1",
-    "train.threads_per_worker=1",
-    "train.num_workers=1",
-]
-EVALUATE = [
-    "reweight.enabled=false",
-    "evaluate.samples_per_class=2",
-    "evaluate.num_inference_steps=2",
-    "evaluate.feature_space=classifier",
-    "evaluate.classifier_epochs=1",
-    "evaluate.classifier_max_images=150",
-    "evaluate.max_real=100",
-    "evaluate.manifold_samples=20",
-    "evaluate.batch_size=64",
-]
+from dedt_ray.smoke import SMOKE_EVALUATE as EVALUATE  # noqa: E402
+from dedt_ray.smoke import SMOKE_MODEL as MODEL  # noqa: E402
 
 
 def _run_stage_into(box: dict, name: str, cfg: Any, store: Any) -> None:

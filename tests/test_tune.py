@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dedt_ray.config import load_config
+from dedt_ray.smoke import SMOKE_EVALUATE, SMOKE_MODEL
 from dedt_ray.store import RunStore
 from dedt_ray.tune import (
     active_space,
@@ -22,27 +23,10 @@ from dedt_ray.tune import (
 )
 
 TINY = [
-    "data.image_size=8",
     "data.limit=150",
     "embed.encoder=pixels",
-    "model.block_out_channels=[8,16]",
-    "model.norm_num_groups=4",
-    "model.attention_head_dim=4",
-    "model.mid_attention=false",
-    "model.attention_levels=[false,false]",
-    "train.batch_size=8",
-    "train.warmup_steps=1",
-    "train.threads_per_worker=1",
-    "train.num_workers=1",
-    "evaluate.samples_per_class=2",
-    "evaluate.num_inference_steps=2",
-    "evaluate.feature_space=classifier",
-    "evaluate.classifier_epochs=1",
-    "evaluate.classifier_max_images=150",
-    "evaluate.max_real=100",
-    "evaluate.manifold_samples=20",
-    "evaluate.batch_size=64",
-    "reweight.enabled=false",
+    *SMOKE_MODEL,
+    *SMOKE_EVALUATE,
     "tune.num_samples=3",
     "tune.max_concurrent=1",
     "tune.asha.enabled=false",
