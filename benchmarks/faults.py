@@ -44,11 +44,11 @@ from dedt_ray.smoke import SMOKE_EVALUATE as EVALUATE  # noqa: E402
 from dedt_ray.smoke import SMOKE_MODEL as MODEL  # noqa: E402
 
 
-def _run_stage_into(box: dict, name: str, cfg: Any, store: Any) -> None:
+def _run_stage_into(box: dict, name: str, cfg: Any, store: Any, callbacks: tuple = ()) -> None:
     from dedt_ray.pipeline import run_stage
 
     try:
-        box["manifest"] = run_stage(name, cfg, store)
+        box["manifest"] = run_stage(name, cfg, store, train_callbacks=callbacks)
     except Exception as exc:  # noqa: BLE001 - reported, not raised: a fault run may fail
         box["error"] = f"{type(exc).__name__}: {exc}"[:500]
 
@@ -71,7 +71,6 @@ def worker_kill(run_dir: str, steps: int = 30, every: int = 10, kill_at: int = 1
     from ray.util.queue import Empty, Queue
 
     from dedt_ray.config import load_config
-    from dedt_ray.diffusion import train
     from dedt_ray.store import RunStore
     from dedt_ray.tune import ForwardReports
 
@@ -88,9 +87,10 @@ def worker_kill(run_dir: str, steps: int = 30, every: int = 10, kill_at: int = 1
     )
     store = RunStore(run_dir)
     queue = Queue(actor_options={"num_cpus": 0})
-    train.TRAIN_CALLBACKS[:] = [ForwardReports(queue)]
     box: dict[str, Any] = {}
-    thread = threading.Thread(target=_run_stage_into, args=(box, "train", cfg, store))
+    thread = threading.Thread(
+        target=_run_stage_into, args=(box, "train", cfg, store, (ForwardReports(queue),))
+    )
     reported: list[int] = []
     killed = killed_at = None
     thread.start()
@@ -104,7 +104,6 @@ def worker_kill(run_dir: str, steps: int = 30, every: int = 10, kill_at: int = 1
                 killed, killed_at = kill_actor("RayTrainWorker"), reported[-1]
         thread.join()
     finally:
-        train.TRAIN_CALLBACKS.clear()
         ray.kill(queue.actor)
     manifest = box.get("manifest", {})
     resumed = manifest.get("resumed_at", [])

@@ -5,7 +5,7 @@
 The same UNet (the default ModelConfig, or overrides), the same rows (the default digits
 source through the train stage's own data path), the same global batch, AdamW, grad clip,
 EMA and index stream. The plain loop is one process calling `core.train_step`; the Ray
-loop is `dedt_ray.diffusion.train.fit` (TorchTrainer, datasets=, reports, checkpoint at
+loop is `dedt_ray.diffusion.trainer.fit` (TorchTrainer, datasets=, reports, checkpoint at
 the end). Steady-state images/s skip the first `--warmup` steps of every run (Ray: the
 first report window). Rounds interleave the three runs, so a busy machine hurts all
 alike; the medians are reported. Prints the ratios Ray-1/plain (goal >= 0.95) and Ray-2/Ray-1.
@@ -23,15 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as dedt_ray.diffusion.train.worker_env
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as dedt_ray.diffusion.trainer.worker_env
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
+from dedt_ray.artifacts import TrainingInputs  # noqa: E402
 from dedt_ray.config import Config, load_config  # noqa: E402
-from dedt_ray.diffusion import train as trainer  # noqa: E402
+from dedt_ray.diffusion import trainer  # noqa: E402
 from dedt_ray.diffusion.core import (  # noqa: E402
     LossConfig,
     build_lr_scheduler,
@@ -84,7 +85,8 @@ def ray_loop(cfg: Config, rows, labels, spec, workers: int, steps: int, warmup: 
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)
         started = time.perf_counter()
-        _, state = trainer.fit(cfg, store, rows, labels, spec, None, key=f"bench{workers}")
+        job = trainer.make_job(cfg, spec, labels, None, key=f"bench{workers}")
+        _, state = trainer.fit(cfg, store, job, rows, "bench")
         seconds = time.perf_counter() - started
     history = state["history"]
     first = history[0]  # the window with startup, compile-free warmup and the first steps
@@ -112,7 +114,7 @@ def main() -> int:
         [f"train.threads_per_worker={threads}", *args.overrides],
     )
     with tempfile.TemporaryDirectory() as tmp:
-        rows, labels, classes, data = trainer.training_rows(cfg, RunStore(tmp), None)
+        rows, labels, classes, data = trainer.training_rows(cfg, RunStore(tmp), TrainingInputs())
     spec = trainer.model_spec(cfg, labels, classes, data)
     batch = sorted(rows.take_all(), key=lambda r: r["id"])  # the order a worker's shard has
     x = np.stack([r["x"] for r in batch])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from dedt_ray.config import Config, ConfigError, load_config
 
@@ -38,14 +40,60 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     sub.add_parser("tune", parents=[common], help="Ray Tune + Optuna sweep (docs/tune.md)")
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
-    from dedt_ray.diffusion.sample import add_sample_parser
-
     add_sample_parser(sub)
     return parser
 
 
+def add_sample_parser(sub: Any) -> None:
+    """The `sample` subcommand."""
+    p = sub.add_parser("sample", help="generate images from a trained model")
+    p.add_argument("--model", help="exported model folder (default: <run-dir>/train/model)")
+    p.add_argument("--run-dir", help="run directory whose train/model to use")
+    p.add_argument("--config", help="config file (only to find the default run directory)")
+    p.add_argument("--num", type=int, default=100, help="number of images (default 100)")
+    p.add_argument("--classes", help="comma-separated class indices or names (default: all)")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (1: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", help="output folder (default: <model>/../samples)")
+
+
 def default_run_dir(config: str | None) -> str:
     return str(Path("runs") / (Path(config).stem if config else "default"))
+
+
+def sample_main(args: argparse.Namespace) -> int:
+    """`dedt-ray sample`: images from an exported model -> grid.png + samples.npz."""
+    from dedt_ray.diffusion.sample import read_info, sample_images, sample_labels, write_samples
+    from dedt_ray.store import RunStore
+
+    if args.num < 1 or args.steps < 1 or args.batch_size < 1:
+        print("error: --num, --steps and --batch-size must be >= 1")
+        return 2
+    run_dir = args.run_dir or default_run_dir(args.config)
+    model = args.model or RunStore(run_dir).path("train", "model")
+    info = read_info(model)
+    if info is None:
+        print(f"error: {model} is not an exported model (no unet/); train first")
+        return 2
+    try:
+        labels = sample_labels(args.num, args.classes, info)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    out = args.out or os.path.join(os.path.dirname(model.rstrip("/")), "samples")
+    if "://" in out:
+        print("error: --out must be a local folder")
+        return 2
+    images = sample_images(
+        model, labels, args.num, args.batch_size, args.scheduler, args.steps,
+        args.guidance_scale, args.seed,
+    )  # fmt: skip
+    write_samples(images, labels, out)
+    print(f"{len(images)} samples -> {out}/grid.png, {out}/samples.npz")
+    return 0
 
 
 def base_config(config: str | None, run_dir: str | None) -> str | None:
@@ -71,8 +119,6 @@ def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="dedt-ray | %(message)s", stream=sys.stderr)
     if args.command == "sample":
-        from dedt_ray.diffusion.sample import main as sample_main
-
         return sample_main(args)
     try:
         cfg = load_config(base_config(args.config, args.run_dir), args.overrides)

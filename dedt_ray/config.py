@@ -14,6 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dedt_ray.registry import CRITERIA, ENCODERS, choice
+
+EncoderName = choice(ENCODERS)  # the names in dedt_ray.registry
+CriterionName = choice(CRITERIA)
+
 
 class ConfigError(ValueError):
     """A config that cannot run. The CLI turns it into exit code 2."""
@@ -46,9 +51,7 @@ class DataConfig(Section):
 class EmbedConfig(Section):
     """The surrogate encoder and how the embedding stage runs it."""
 
-    encoder: Literal["pixels", "random_projection", "clip", "dinov2", "vit", "inception", "vae"] = (
-        "pixels"
-    )
+    encoder: EncoderName = "pixels"
     model: str | None = None
     dim: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -59,7 +62,7 @@ class EmbedConfig(Section):
 
     @model_validator(mode="after")
     def _model_needed(self) -> EmbedConfig:
-        if self.encoder in ("clip", "dinov2", "vit", "inception", "vae") and not self.model:
+        if ENCODERS[self.encoder].needs_model and not self.model:
             raise ValueError(
                 f"embed.model (a local path or hub-cache name) is required for "
                 f"embed.encoder={self.encoder!r}"
@@ -71,9 +74,7 @@ class SelectConfig(Section):
     """Class-wise coreset selection."""
 
     enabled: bool = True
-    criterion: Literal["gaussian", "ppca", "knn", "moderate", "kcenter", "herding", "random"] = (
-        "gaussian"
-    )
+    criterion: CriterionName = "gaussian"
     keep_ratio: float = Field(0.5, gt=0.0, le=1.0)
     k: int = Field(5, ge=1)
     knn_index: Literal["flat", "ivf"] = "flat"  # faiss search for knn classes above 20k rows
@@ -309,14 +310,6 @@ class Config(Section):
     tdc: TDCConfig = TDCConfig()
     tune: TuneConfig = TuneConfig()
     report: ReportConfig = ReportConfig()
-
-    def digest(self) -> str:
-        """A stable hash of the whole config."""
-        return hash_json(self.model_dump(mode="json"))
-
-    def section_digest(self, *names: str) -> str:
-        """A stable hash of some sections (what a stage's output depends on)."""
-        return hash_json({n: getattr(self, n).model_dump(mode="json") for n in names})
 
 
 def hash_json(obj: Any) -> str:

@@ -16,26 +16,21 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import ray.data
 
+from dedt_ray.artifacts import CLASSES, vector_table
+from dedt_ray.artifacts import EMBEDDINGS as EMBEDDINGS_PATH
 from dedt_ray.config import Config, EmbedConfig
 from dedt_ray.data import open_source
 from dedt_ray.encoders import build_encoder, build_preprocessor
 from dedt_ray.runtime import cluster_gpus
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
-EMBEDDINGS = "embeddings.parquet"
+EMBEDDINGS = EMBEDDINGS_PATH[1]
 
 
 def embedding_table(ids, labels, embeddings: np.ndarray) -> pa.Table:
     """The embeddings schema: id, label, embedding as fixed_size_list<float32>."""
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    values = pa.array(emb.reshape(-1), type=pa.float32())
-    return pa.table(
-        {
-            "id": pa.array(list(ids), type=pa.string()),
-            "label": pa.array(np.asarray(labels, dtype=np.int64)),
-            "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1]),
-        }
-    )
+    return vector_table(ids, labels, "embedding", embeddings)
 
 
 @functools.lru_cache(maxsize=4)
@@ -65,7 +60,7 @@ class _Encode:
 
 def read_embeddings(store: RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, embeddings float32 [N, D]) from a completed embed stage."""
-    table = pads.dataset(store.uri(store.path("embed", EMBEDDINGS)), format="parquet").to_table()
+    table = pads.dataset(store.uri(store.path(*EMBEDDINGS_PATH)), format="parquet").to_table()
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
     matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
@@ -105,19 +100,19 @@ def embed_dataset(
     )
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     data, emb = cfg.data, cfg.embed
     source = open_source(data)
     in_channels = 1 if data.mode == "L" else 3
     ds = embed_dataset(source.dataset, emb, in_channels, data.image_size, cfg.seed)
-    out = store.path("embed", EMBEDDINGS)
+    out = store.path(*EMBEDDINGS_PATH)
     ds.write_parquet(store.uri(out), max_rows_per_file=emb.rows_per_file, mode="overwrite")
 
     written = pads.dataset(store.uri(out), format="parquet")
     rows = written.count_rows()
     dim = written.schema.field("embedding").type.list_size
     skipped = source.skipped()
-    store.write_json({"classes": source.classes}, "embed", "classes.json")
+    store.write_json({"classes": source.classes}, *CLASSES)
     summary = f"{rows} images embedded with {emb.encoder} (dim {dim}), {len(skipped)} skipped"
     return {
         "rows": rows,

@@ -1,103 +1,26 @@
-"""The stage DAG: which stages exist, what each depends on, and skip/force by manifest.
+"""Running the stage DAG (`dedt_ray.stages.STAGES`): keys, skip/force by manifest, order.
 
-A stage is a function `run(cfg, store) -> dict` in its own module; what it returns goes
+A stage is a function `run(cfg, store, ctx) -> dict` in its own module; what it returns goes
 into its `_manifest.json` together with the cache key. A stage is skipped when its manifest
 holds the same key: the same config sections and the same upstream outputs.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from dedt_ray.config import Config, dump_config, hash_json
+from dedt_ray.stages import STAGES, Stage, StageContext
 from dedt_ray.store import RunStore
 
+__all__ = ["STAGES", "Stage", "StageContext", "run_pipeline", "run_stage", "stage_key"]
+
 log = logging.getLogger("dedt_ray")
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    target: str  # "module:function" implementing run(cfg, store) -> dict
-    sections: tuple[str, ...]  # config sections the stage's output depends on
-    inputs: tuple[str, ...] = ()  # upstream stages whose artifacts it reads
-    enabled: Callable[[Config], bool] = lambda cfg: True
-    # upstream stages it reads when the config enables them and they ran (their output then
-    # joins the key, so a changed upstream output reruns this stage)
-    optional: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
-    always: bool = False  # rerun every time (the report reads every stage)
-
-    def load(self) -> Callable[[Config, RunStore], dict[str, Any]]:
-        module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
-
-
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in [
-        Stage("embed", "dedt_ray.embed:run", ("seed", "data", "embed")),
-        Stage(
-            "select",
-            "dedt_ray.selection.stage:run",
-            ("select",),
-            inputs=("embed",),
-            enabled=lambda cfg: cfg.select.enabled,
-        ),
-        Stage(
-            "latents",
-            "dedt_ray.diffusion.latents:run",
-            ("data", "model"),
-            enabled=lambda cfg: cfg.model.latent,
-        ),
-        Stage(
-            "reference",
-            "dedt_ray.reweight.reference:run",
-            ("seed", "data", "model", "train", "reference"),
-            enabled=lambda cfg: cfg.reweight.enabled,
-            optional=lambda cfg: (
-                ("select",)
-                if cfg.reference.data == "subset" and not cfg.reference.pretrained
-                else ()
-            ),
-        ),
-        Stage(
-            "reweight",
-            "dedt_ray.reweight.stage:run",
-            ("seed", "data", "model", "train", "reweight"),
-            inputs=("reference",),
-            enabled=lambda cfg: cfg.reweight.enabled,
-            optional=lambda cfg: ("select",),
-        ),
-        Stage(
-            "train",
-            "dedt_ray.diffusion.train:run",
-            ("seed", "data", "model", "train"),
-            optional=lambda cfg: ("select", "reweight", "latents"),
-        ),
-        Stage(
-            "tdc",
-            "dedt_ray.tdc.stage:run",
-            ("seed", "data", "model", "train", "tdc"),
-            inputs=("train",),
-            enabled=lambda cfg: cfg.tdc.enabled,
-        ),
-        Stage(
-            "evaluate",
-            "dedt_ray.evaluate.stage:run",
-            ("data", "evaluate", "tdc"),  # tdc: the routed model is evaluated when enabled
-            inputs=("train",),
-            optional=lambda cfg: ("tdc",) if cfg.tdc.enabled else (),
-        ),
-        Stage("report", "dedt_ray.report:run", ("report",), always=True),
-    ]
-}
 
 
 def stage_key(stage: Stage, cfg: Config, store: RunStore) -> dict[str, Any]:
@@ -134,8 +57,17 @@ def stage_key(stage: Stage, cfg: Config, store: RunStore) -> dict[str, Any]:
     return {"config_hash": config_hash, "inputs": inputs, "key": hash_json([config_hash, inputs])}
 
 
-def run_stage(name: str, cfg: Config, store: RunStore, force: bool = False) -> dict[str, Any]:
-    """Run one stage unless its manifest says the same inputs were already done."""
+def run_stage(
+    name: str,
+    cfg: Config,
+    store: RunStore,
+    force: bool = False,
+    train_callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Run one stage unless its manifest says the same inputs were already done.
+
+    `train_callbacks`: ray.train UserCallbacks for the `train` stage's trainer (a sweep trial
+    forwards its reports to Tune with one)."""
     stage = STAGES[name]
     key = stage_key(stage, cfg, store)
     previous = store.manifest(name)
@@ -149,7 +81,8 @@ def run_stage(name: str, cfg: Config, store: RunStore, force: bool = False) -> d
     store.clear(name)
     started = time.time()
     log.info("%s: running", name)
-    result = stage.load()(cfg, store)
+    ctx = StageContext(inputs=dict(key["inputs"]), train_callbacks=tuple(train_callbacks))
+    result = stage.load()(cfg, store, ctx)
     seconds = time.time() - started
     manifest = {
         "stage": name,
@@ -165,7 +98,11 @@ def run_stage(name: str, cfg: Config, store: RunStore, force: bool = False) -> d
 
 
 def run_pipeline(
-    cfg: Config, store: RunStore, force: bool = False, only: list[str] | None = None
+    cfg: Config,
+    store: RunStore,
+    force: bool = False,
+    only: list[str] | None = None,
+    train_callbacks: Sequence[Any] = (),
 ) -> dict[str, dict[str, Any]]:
     """Run the enabled stages in DAG order (or just `only`), writing config.yaml first."""
     store.write_text(dump_config(cfg), "config.yaml")
@@ -176,5 +113,5 @@ def run_pipeline(
         if not stage.enabled(cfg):
             log.info("%s: disabled by config", name)
             continue
-        done[name] = run_stage(name, cfg, store, force=force)
+        done[name] = run_stage(name, cfg, store, force, train_callbacks)
     return done

@@ -22,14 +22,14 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from dedt_ray.config import Config, dump_config
+from dedt_ray.stages import STAGES, StageContext
 from dedt_ray.store import MANIFEST, RunStore
 
 log = logging.getLogger("dedt_ray")
 
 REPORT = "report.html"
-STAGE_ORDER = ("embed", "select", "reference", "reweight", "latents", "train", "tdc", "evaluate")
+STAGE_ORDER = tuple(STAGES)  # the pipeline's order
 COUNT_KEYS = ("rows", "kept", "skipped", "real", "steps", "images_seen")
-HISTORY_FILES = ("metrics.parquet", "metrics.jsonl", "history.jsonl", "metrics.json")
 
 
 @dataclass
@@ -65,21 +65,12 @@ def _maybe_bytes(store: RunStore, *parts: str) -> bytes | None:
 
 def read_history(store: RunStore) -> list[dict[str, Any]]:
     """The trainer's metrics history (`train/metrics.parquet`: step, loss, lr, ...) as rows."""
-    for name in HISTORY_FILES:
-        data = _maybe_bytes(store, "train", name)
-        if data is None:
-            continue
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
+    data = _maybe_bytes(store, "train", "metrics.parquet")
+    if data is None:
+        return []
+    import pyarrow.parquet as pq
 
-            return pq.read_table(io.BytesIO(data)).to_pylist()
-        import json
-
-        if name.endswith(".jsonl"):
-            return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-        obj = json.loads(data)
-        return obj if isinstance(obj, list) else obj.get("history", [])
-    return []
+    return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
 def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifacts:
@@ -454,7 +445,7 @@ def render(report: Report) -> str:
     )
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     report = collect(store, dump_config(cfg), cfg.report.baseline_run)
     page = render(report)
     store.write_text(page, REPORT)

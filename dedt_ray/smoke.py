@@ -15,6 +15,8 @@ SMOKE_MODEL = [  # an 8 px UNet of two small blocks without attention, one 1-thr
     "train.threads_per_worker=1",
     "train.num_workers=1",
 ]
+# the same tiny UNet as `model.*` fields, for tests that build models directly
+SMOKE_UNET = {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 4}
 SMOKE_EVALUATE = [  # no DRO; a few samples scored by a one-epoch classifier
     "reweight.enabled=false",
     "evaluate.samples_per_class=2",

@@ -155,7 +155,6 @@ class ForwardReports(UserCallback):
 def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: Any) -> dict:
     """The pipeline after embed in the trial's run directory (a Ray task outside the trial's
     placement group, so stages schedule their own tasks, actors and trainers)."""
-    from dedt_ray.diffusion import train
     from dedt_ray.pipeline import STAGES, run_pipeline
 
     base = RunStore(ctx["run_dir"])
@@ -167,8 +166,8 @@ def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: 
         steps = epoch_steps(_train_rows(cfg, store), cfg.tune.epochs, cfg.train.batch_size,
                             cfg.tune.min_steps)  # fmt: skip
         cfg = trial_config(ctx["base"], [*ctx["fixed"], f"train.steps={steps}"], params, space)
-    train.TRAIN_CALLBACKS[:] = [ForwardReports(queue)]
-    done = run_pipeline(cfg, store, only=[s for s in STAGES if s not in NOT_IN_TRIALS])
+    stages = [s for s in STAGES if s not in NOT_IN_TRIALS]
+    done = run_pipeline(cfg, store, only=stages, train_callbacks=[ForwardReports(queue)])
     if store.manifest("embed")["output_id"] != base.manifest("embed")["output_id"]:
         raise RuntimeError("the trial did not reuse the base run's embeddings")
     if store.exists("classifier") and not base.exists("classifier"):
@@ -279,10 +278,7 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
     `interrupt_after` (testing): send SIGINT after that many trials complete, as Ctrl+C
     would; rerunning continues the sweep.
     """
-    import optuna
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
 
     from dedt_ray.pipeline import run_stage
     from dedt_ray.runtime import init_ray
@@ -298,7 +294,6 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
     embed = run_stage("embed", cfg, base)  # once; every trial reuses it
     log.info("tune: embeddings %s", "reused" if embed.get("skipped_stage") else "computed")
 
-    metric, mode = _objectives(cfg)
     storage_path = base.uri(base.path("tune"))
     base.fs.create_dir(base.path("tune"), recursive=True)
     ctx = {
@@ -311,55 +306,73 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
     resources = {"CPU": cfg.tune.cpus_per_trial, "memory": 64 * 2**20}
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), resources)
     path = posixpath.join(storage_path, SWEEP)
-    callbacks = (
-        [Interrupt(interrupt_after, base.local_path("tune", ".interrupted"))]
-        if interrupt_after
-        else []
-    )
     if ray.tune.Tuner.can_restore(path):
         log.info("tune: resuming the sweep in %s", path)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        db = optuna_storage(base)
-        searcher = _searcher_class()(
-            space=SpaceFn(space, cfg),
-            metric=metric,
-            mode=mode,
-            sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
-            study_name=SWEEP,
-            storage=db,
+        callbacks = (
+            [Interrupt(interrupt_after, base.local_path("tune", ".interrupted"))]
+            if interrupt_after
+            else []
         )
-        limiter = ConcurrencyLimiter(searcher, max_concurrent=concurrency(cfg))
-        asha = cfg.tune.asha
-        scheduler = (
-            ASHAScheduler(
-                time_attr="training_iteration",
-                metric=ASHA_METRIC,
-                mode="min",
-                max_t=max_reports(cfg, int(embed["rows"])),
-                grace_period=asha.grace_period,
-                reduction_factor=asha.reduction_factor,
-            )
-            if asha.enabled
-            else FIFOScheduler()
-        )
-        tuner = ray.tune.Tuner(
-            trainable,
-            tune_config=ray.tune.TuneConfig(
-                search_alg=limiter, scheduler=scheduler, num_samples=cfg.tune.num_samples
-            ),
-            run_config=ray.tune.RunConfig(
-                name=SWEEP,
-                storage_path=storage_path,
-                callbacks=callbacks,
-                verbose=1,
-                # a retried trial reruns its pipeline: finished stages are skipped by their
-                # manifests and training resumes from its last checkpoint
-                failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures),
-            ),
-        )
+        tuner = new_tuner(cfg, base, space, trainable, int(embed["rows"]), callbacks)
     grid = tuner.fit()
     return write_results(cfg, base, grid, space)
+
+
+def new_tuner(
+    cfg: Config,
+    base: RunStore,
+    space: dict[str, TuneParam],
+    trainable: Any,
+    rows: int,
+    callbacks: list[Any],
+) -> Any:
+    """A fresh Tuner: OptunaSearch (study in tune/optuna.db) under a concurrency limit, ASHA."""
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    metric, mode = _objectives(cfg)
+    searcher = _searcher_class()(
+        space=SpaceFn(space, cfg),
+        metric=metric,
+        mode=mode,
+        sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
+        study_name=SWEEP,
+        storage=optuna_storage(base),
+    )
+    asha = cfg.tune.asha
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            metric=ASHA_METRIC,
+            mode="min",
+            max_t=max_reports(cfg, rows),
+            grace_period=asha.grace_period,
+            reduction_factor=asha.reduction_factor,
+        )
+        if asha.enabled
+        else FIFOScheduler()
+    )
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency(cfg)),
+            scheduler=scheduler,
+            num_samples=cfg.tune.num_samples,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=SWEEP,
+            storage_path=base.uri(base.path("tune")),
+            callbacks=callbacks,
+            verbose=1,
+            # a retried trial reruns its pipeline: finished stages are skipped by their
+            # manifests and training resumes from its last checkpoint
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.tune.max_failures),
+        ),
+    )
 
 
 def max_reports(cfg: Config, rows: int) -> int:

@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
+from dedt_ray.artifacts import read_class_weights
 from dedt_ray.config import ModelConfig
 from dedt_ray.diffusion.core import (
     LossConfig,
@@ -36,18 +37,13 @@ from dedt_ray.diffusion.sample import sample_labels
 from dedt_ray.diffusion.sampling import from_uint8, generate, image_grid, to_uint8
 from dedt_ray.diffusion.state import flatten, load_state, save_state, unflatten
 from dedt_ray.diffusion.stream import IndexStream
-from dedt_ray.diffusion.train import read_class_weights, step_seed
+from dedt_ray.diffusion.worker import step_seed
+from dedt_ray.smoke import SMOKE_UNET
 
-TINY = {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 4}
+TINY = SMOKE_UNET
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(spec: ModelSpec | None = None, **kw) -> tuple[UNet2DModel, DDPMScheduler]:
@@ -309,21 +305,6 @@ def test_uint8_round_trip_and_grid():
     assert grid.size == (2 * (2 * 5 + 1), 2 * (3 * 5 + 1))
 
 
-def tiny_vae(channels: int = 1) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=channels,
-        out_channels=channels,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
-
-
 def test_export_loads_with_diffusers(tmp_path):
     unet, sched = tiny(ModelSpec(8, 1, 0))
     save_export(str(tmp_path), unet, sched, {"num_classes": 0})
@@ -339,7 +320,7 @@ def test_export_loads_with_diffusers(tmp_path):
     assert out.shape == (2, 8, 8, 1)
 
 
-def test_latent_export_generates_decoded_images(tmp_path):
+def test_latent_export_generates_decoded_images(tmp_path, tiny_vae):
     vae = tiny_vae().eval()
     unet, sched = tiny(ModelSpec(4, 4, 2, latent=True))
     save_export(str(tmp_path), unet, sched, {"num_classes": 2}, vae=vae)

@@ -18,11 +18,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import faults  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _fast_polling(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
 @pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     run = tmp_path / "run"

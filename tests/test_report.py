@@ -19,6 +19,7 @@ from PIL import Image
 from dedt_ray.config import load_config
 from dedt_ray.report import REPORT, collect, render
 from dedt_ray.report import run as report_run
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
 
@@ -142,7 +143,7 @@ def full_run(tmp_path: Path) -> tuple[RunStore, str]:
 def test_report_sections_and_numbers_match_json(full_run) -> None:
     store, baseline = full_run
     cfg = load_config(None, [f"report.baseline_run={baseline}"])
-    manifest = report_run(cfg, store)
+    manifest = report_run(cfg, store, StageContext())
     assert manifest["stages"] == ["embed", "select", "reweight", "train", "evaluate"]
     page = Path(store.path(REPORT)).read_text()
 
@@ -237,7 +238,7 @@ def screenshot(html_path: Path, png: Path, profile: Path) -> Image.Image:
 )
 def test_report_renders_in_headless_chromium(full_run, tmp_path: Path) -> None:
     store, baseline = full_run
-    report_run(load_config(None, [f"report.baseline_run={baseline}"]), store)
+    report_run(load_config(None, [f"report.baseline_run={baseline}"]), store, StageContext())
     shot = screenshot(Path(store.path(REPORT)), tmp_path / "shot.png", tmp_path / "profile")
     assert shot.size == (1200, 3000)
     pixels = np.asarray(shot, dtype=np.int16)

@@ -18,16 +18,12 @@ from dedt_ray.reweight.checks import (
     stage_config,
     stage_steps,
 )
+from dedt_ray.smoke import SMOKE_UNET
 
-TINY = {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 4}
+TINY = SMOKE_UNET
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet(seed: int, num_classes: int = 3, **kw) -> torch.nn.Module:

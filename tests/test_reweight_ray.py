@@ -12,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dedt_ray.artifacts import read_class_weights
 from dedt_ray.config import ConfigError, ModelConfig, load_config
 from dedt_ray.diffusion.export import load_export
 from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler, build_unet
-from dedt_ray.diffusion.train import read_class_weights
 from dedt_ray.pipeline import STAGES, run_stage, stage_key
 from dedt_ray.reweight.dro import DROLoss
 from dedt_ray.reweight.stage import class_names
+from dedt_ray.smoke import SMOKE_UNET
 from dedt_ray.store import RunStore
 
 MODEL = [
@@ -41,14 +42,9 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fast_polling(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
 # -- 1 vs 2 DDP workers on the same global batches -----------------------------------------
 K, GLOBAL, STEPS = 4, 12, 4
-TINY = ModelConfig(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=4)
+TINY = ModelConfig(**SMOKE_UNET)
 
 
 def _dro_steps(rank: int, world: int, distributed: bool) -> dict:

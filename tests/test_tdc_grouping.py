@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from dedt_ray.tdc.budget import group_budgets, model_flops
 from dedt_ray.tdc.grouping import (
@@ -17,13 +17,7 @@ from dedt_ray.tdc.grouping import (
     validate_groups,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear() -> DDPMScheduler:
@@ -133,19 +127,8 @@ def test_group_budgets_formula_and_order() -> None:
         group_budgets(2, 0.5, 1.0, "middle")  # type: ignore[arg-type]
 
 
-def test_model_flops_counts_convs_linears_and_attention() -> None:
-    torch.manual_seed(0)
-    model = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=3,
-    )
+def test_model_flops_counts_convs_linears_and_attention(tiny_unet) -> None:
+    model = tiny_unet(0)
     expected = 0
 
     def count(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from dedt_ray.tdc.budget import model_flops
 from dedt_ray.tdc.grouping import group_of, group_timesteps
@@ -19,32 +19,11 @@ from dedt_ray.tdc.routing import (
     scheduler_config,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_unet(seed: int) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=3,
-    ).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def routed() -> RoutedUNet:
+def routed(tiny_unet) -> RoutedUNet:
     sched = DDPMScheduler(num_train_timesteps=1000)
     groups = group_timesteps(sched, 3, "quantile")
     small = UNetPruner(tiny_unet(2), "magnitude")

@@ -14,7 +14,7 @@ from dedt_ray.diffusion.export import load_export
 from dedt_ray.diffusion.models import sampling_scheduler
 from dedt_ray.diffusion.sampling import generate
 from dedt_ray.evaluate.stage import ROUTED, model_classes, model_parts
-from dedt_ray.pipeline import STAGES, run_stage
+from dedt_ray.pipeline import STAGES, StageContext, run_stage, stage_key
 from dedt_ray.store import RunStore
 from dedt_ray.tdc.routing import RoutedUNet
 
@@ -41,11 +41,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fast_polling(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
 @pytest.fixture(scope="module")
 def tdc_run(ray_cluster, tmp_path_factory):
     torch.set_num_threads(1)
@@ -68,16 +63,16 @@ def test_config_and_dag() -> None:
 def test_routed_export_loads_and_samples(tdc_run) -> None:
     cfg, store, manifest = tdc_run
     model_dir = store.path(*ROUTED)
-    routing = json.loads(open(os.path.join(model_dir, "routing.json")).read())
+    routing = json.loads(open(os.path.join(model_dir, "unet", "routing.json")).read())
     assert len(routing["models"]) == 2
     for folder in routing["models"]:
-        assert os.path.isfile(os.path.join(model_dir, folder, "pruned.json"))
+        assert os.path.isfile(os.path.join(model_dir, "unet", folder, "pruned.json"))
     unet, scheduler, vae, info = load_export(model_dir)
     assert isinstance(unet, RoutedUNet) and vae is None and info["tdc"]
     images = generate(unet, sampling_scheduler(scheduler, "ddim"), [0, 1, 2], 4)
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
     # the evaluate stage picks the routed model when tdc is enabled
-    assert model_parts(cfg, store) == ROUTED
+    assert model_parts(stage_key(STAGES["evaluate"], cfg, store)["inputs"]) == ROUTED
     classes, _, _ = model_classes(store, ROUTED)
     assert classes == list(range(10))
 
@@ -141,7 +136,7 @@ def test_stage2_groups_train_concurrently(tdc_run, tmp_path) -> None:
     copy = RunStore(str(tmp_path / "run"))
     overrides = ["train.num_workers=1", "train.cpus_per_worker=0.5", "tdc.rounds=1"]
     cfg = load_config(None, TINY + overrides)
-    manifest = stage.run(cfg, copy)
+    manifest = stage.run(cfg, copy, StageContext(stage_key(STAGES["tdc"], cfg, copy)["inputs"]))
     assert manifest["stage2_parallel"] == 2
     groups = manifest["groups"]
     assert [g["stage2_steps"] for g in groups] == [3, 3]

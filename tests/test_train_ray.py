@@ -36,12 +36,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fast_polling(monkeypatch):
-    """The Train controller polls workers every 2 s by default; tiny runs finish sooner."""
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
 def config(*overrides: str):
     return load_config(None, [*SMALL, *overrides])
 
@@ -199,26 +193,9 @@ def test_rerun_resumes_a_crashed_stage(ray_cluster, tmp_path):
     assert manifest["resumed_at"] == [2] and manifest["steps"] == 6
 
 
-def _tiny_vae(path: str) -> None:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    ).save_pretrained(path)
-
-
-def test_latent_mode_round_trip(ray_cluster, tmp_path):
+def test_latent_mode_round_trip(ray_cluster, tmp_path, tiny_vae):
     vae_dir = str(tmp_path / "vae")
-    _tiny_vae(vae_dir)
+    tiny_vae().save_pretrained(vae_dir)
     store = RunStore(str(tmp_path / "run"))
     overrides = ["model.latent=true", f"model.vae={vae_dir}", "model.vae_batch_size=32"]
     latents = run_stage("latents", config(*overrides), store)

@@ -34,11 +34,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fast_polling(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
 def test_space_is_conditional_and_skips_missing_sections():
     cfg = load_config(None, ["tdc.rule=quantile"])
     cfg.tune.space = {

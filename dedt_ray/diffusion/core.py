@@ -1,8 +1,9 @@
 """The training step, on one screen (pure torch + diffusers, no Ray).
 
-Reusable pieces for other trainers: `sample_timesteps` (optionally inside [t_lo, t_hi), for
-TDC group fine-tunes), `denoising_loss` (per-sample losses, e.g. proxy vs reference on the
-same (x_t, t, noise) for DRO), `snr` / `min_snr_weight`, and `train_step`.
+Reusable pieces for other trainers: `draw_noise` (t, optionally inside [t_lo, t_hi) for TDC
+group fine-tunes, noise and label dropout: the one draw every loss shares), `denoising_loss`
+(per-sample losses, e.g. proxy vs reference on the same (x_t, t, noise) for DRO),
+`timestep_weights` (Min-SNR-gamma), and `train_step`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,43 @@ def denoising_loss(
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
+class NoiseDraw(NamedTuple):
+    """One micro-batch's random draw: timesteps, noise and the labels the model sees."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    cond: torch.Tensor | None  # labels after label dropout; None for unconditional models
+
+
+def draw_noise(
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_train_timesteps: int,
+    generator: torch.Generator | None,
+    cfg: LossConfig,
+) -> NoiseDraw:
+    """Draw t (in `cfg.t_range`), the noise, then drop labels, in that order, from `generator`.
+
+    The one draw every loss shares (the core loss, the DRO proxy loss, TDC's denoising score),
+    so the same generator state gives the same (x_t, t, noise) to all of them."""
+    n = x0.shape[0]
+    t = sample_timesteps(n, num_train_timesteps, generator, x0.device, cfg.t_range)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    cond = None
+    if labels is not None and cfg.null_class is not None:
+        cond = drop_labels(labels, cfg.label_dropout, cfg.null_class, generator)
+    return NoiseDraw(t, noise, cond)
+
+
+def timestep_weights(
+    scheduler: DDPMScheduler, t: torch.Tensor, min_snr_gamma: float | None
+) -> torch.Tensor | None:
+    """Per-sample loss weights of the timesteps: Min-SNR-gamma, or None (uniform)."""
+    if min_snr_gamma is None:
+        return None
+    return min_snr_weight(snr(scheduler, t), min_snr_gamma, scheduler.config.prediction_type)
+
+
 def training_loss(
     model: nn.Module,
     scheduler: DDPMScheduler,
@@ -105,16 +144,11 @@ def training_loss(
     cfg: LossConfig,
 ) -> torch.Tensor:
     """Scalar loss of one micro-batch: draw t and noise, drop labels, weight, average."""
-    n = x0.shape[0]
-    t = sample_timesteps(n, scheduler.config.num_train_timesteps, generator, x0.device, cfg.t_range)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if labels is not None and cfg.null_class is not None:
-        labels = drop_labels(labels, cfg.label_dropout, cfg.null_class, generator)
-    per_sample = denoising_loss(model, scheduler, x0, labels, t, noise)
-    if cfg.min_snr_gamma is not None:
-        per_sample = per_sample * min_snr_weight(
-            snr(scheduler, t), cfg.min_snr_gamma, scheduler.config.prediction_type
-        )
+    draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
+    per_sample = denoising_loss(model, scheduler, x0, draw.cond, draw.t, draw.noise)
+    w_t = timestep_weights(scheduler, draw.t, cfg.min_snr_gamma)
+    if w_t is not None:
+        per_sample = per_sample * w_t
     if sample_weights is not None:
         per_sample = per_sample * sample_weights
     return per_sample.mean()

@@ -14,26 +14,17 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import ray.data
 
+from dedt_ray.artifacts import LATENT_INFO, LATENTS, vector_table
 from dedt_ray.config import Config
 from dedt_ray.data import open_source
 from dedt_ray.runtime import cluster_gpus
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
-
-LATENTS = "latents.parquet"
-INFO = "info.json"
 
 
 def latent_table(ids, labels, latents: np.ndarray) -> pa.Table:
     """The latents schema: id, label, latent as fixed_size_list<float32> (flattened CHW)."""
-    flat = np.ascontiguousarray(latents, dtype=np.float32).reshape(len(latents), -1)
-    values = pa.array(flat.reshape(-1), type=pa.float32())
-    return pa.table(
-        {
-            "id": pa.array([str(i) for i in ids], type=pa.string()),
-            "label": pa.array(np.asarray(labels, dtype=np.int64)),
-            "latent": pa.FixedSizeListArray.from_arrays(values, flat.shape[1]),
-        }
-    )
+    return vector_table(ids, labels, "latent", latents)
 
 
 def encode_images(vae, images: np.ndarray) -> np.ndarray:
@@ -69,7 +60,7 @@ class _Encode:
         return latent_table(batch["id"], batch["label"], latents)
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     from dedt_ray.diffusion.export import load_vae
 
     source = open_source(cfg.data)
@@ -85,7 +76,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         batch_size=cfg.model.vae_batch_size,
         batch_format="numpy",
     )
-    out = store.path("latents", LATENTS)
+    out = store.path(*LATENTS)
     ds.write_parquet(store.uri(out), mode="overwrite")
     written = pads.dataset(store.uri(out), format="parquet")
     rows = written.count_rows()
@@ -102,7 +93,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         "classes": source.classes,
         "image_size": cfg.data.image_size,
     }
-    store.write_json(info, "latents", INFO)
+    store.write_json(info, *LATENT_INFO)
     skipped = source.skipped()
     return {
         "rows": rows,

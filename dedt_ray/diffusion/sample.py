@@ -1,4 +1,4 @@
-"""`dedt-ray sample`: images from an exported model -> grid.png + samples.npz.
+"""Sampling an exported model for `dedt-ray sample` (the command is in `dedt_ray.cli`).
 
 Labels cycle through the requested classes (grid column = class). Batch b of the labels
 is generated with seed (seed, b), so the samples are the same whether they come from this
@@ -7,7 +7,6 @@ process or from Ray GPU actors (used when the cluster has two or more GPUs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -17,22 +16,6 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger("dedt_ray")
-
-
-def add_sample_parser(sub: Any) -> None:
-    """Register the `sample` subcommand on the CLI's subparsers."""
-    p = sub.add_parser("sample", help="generate images from a trained model")
-    p.add_argument("--model", help="exported model folder (default: <run-dir>/train/model)")
-    p.add_argument("--run-dir", help="run directory whose train/model to use")
-    p.add_argument("--config", help="config file (only to find the default run directory)")
-    p.add_argument("--num", type=int, default=100, help="number of images (default 100)")
-    p.add_argument("--classes", help="comma-separated class indices or names (default: all)")
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (1: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--out", help="output folder (default: <model>/../samples)")
 
 
 def sample_labels(num: int, classes: str | None, info: dict[str, Any]) -> list[int] | None:
@@ -104,14 +87,12 @@ def _local_copy(path: str, tmp: str) -> str:
     return tmp
 
 
-def _read_info(model: str) -> dict[str, Any] | None:
-    """dedt_model.json of an exported model ({} if absent), None if `model` has neither unet/
-    nor routing.json (a TDC routed export)."""
+def read_info(model: str) -> dict[str, Any] | None:
+    """dedt_model.json of an exported model ({} if absent), None if `model` has no unet/."""
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(model if "://" in model else os.path.abspath(model))
-    routed = fs.get_file_info(f"{path}/routing.json").type == pafs.FileType.File  # TDC
-    if fs.get_file_info(f"{path}/unet").type != pafs.FileType.Directory and not routed:
+    if fs.get_file_info(f"{path}/unet").type != pafs.FileType.Directory:
         return None
     if fs.get_file_info(f"{path}/dedt_model.json").type != pafs.FileType.File:
         return {}
@@ -119,30 +100,10 @@ def _read_info(model: str) -> dict[str, Any] | None:
         return json.loads(f.read())
 
 
-def main(args: argparse.Namespace) -> int:
-    from dedt_ray.cli import default_run_dir
+def write_samples(images: np.ndarray, labels: list[int] | None, out: str) -> None:
+    """`out`/grid.png (a column per class) and `out`/samples.npz (images, labels)."""
     from dedt_ray.diffusion.sampling import image_grid
-    from dedt_ray.store import RunStore
 
-    if args.num < 1 or args.steps < 1 or args.batch_size < 1:
-        print("error: --num, --steps and --batch-size must be >= 1")
-        return 2
-    run_dir = args.run_dir or default_run_dir(args.config)
-    model = args.model or RunStore(run_dir).path("train", "model")
-    info = _read_info(model)
-    if info is None:
-        print(f"error: {model} is not an exported model (no unet/); train first")
-        return 2
-    try:
-        labels = sample_labels(args.num, args.classes, info)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
-    images = _run(model, labels, args)
-    out = args.out or os.path.join(os.path.dirname(model.rstrip("/")), "samples")
-    if "://" in out:
-        print("error: --out must be a local folder")
-        return 2
     os.makedirs(out, exist_ok=True)
     ncols = len(set(labels)) if labels is not None and len(set(labels)) > 1 else None
     scale = max(1, 64 // images.shape[1])
@@ -152,23 +113,30 @@ def main(args: argparse.Namespace) -> int:
         images=images,
         labels=np.asarray(labels if labels is not None else [-1] * len(images), np.int64),
     )
-    print(f"{len(images)} samples -> {out}/grid.png, {out}/samples.npz")
-    return 0
 
 
-def _run(model: str, labels: list[int] | None, args: argparse.Namespace) -> np.ndarray:
+def sample_images(
+    model: str,
+    labels: list[int] | None,
+    num: int,
+    batch_size: int,
+    scheduler: str,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+) -> np.ndarray:
     """In this process, or over Ray GPU actors when the cluster has two or more GPUs."""
     import torch
 
-    num_batches = -(-args.num // args.batch_size)
+    num_batches = -(-num // batch_size)
     kwargs = {
         "labels": labels,
-        "num": args.num,
-        "batch_size": args.batch_size,
-        "scheduler": args.scheduler,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
+        "num": num,
+        "batch_size": batch_size,
+        "scheduler": scheduler,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
     }
     gpus = 0
     if os.environ.get("RAY_ADDRESS") or torch.cuda.device_count() > 1:

@@ -16,14 +16,8 @@ is ever downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
-
-from torch import nn
-
-from dedt_ray.encoders import hf, inception, pixels, vae
-from dedt_ray.encoders.base import Encoder, Preprocessor
+from dedt_ray.encoders.base import Encoder, EncoderSpec, Preprocessor
+from dedt_ray.registry import ENCODERS as ENTRIES
 
 __all__ = [
     "ENCODERS",
@@ -34,56 +28,14 @@ __all__ = [
     "build_preprocessor",
 ]
 
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """preprocessor(model, in_channels, image_size) and network(model, preprocessor, dim, seed)
-    -> (module taking normalised NCHW float images, output width)."""
-
-    description: str
-    preprocessor: Callable[[str | None, int, int], Preprocessor]
-    network: Callable[[str | None, Preprocessor, int, int], tuple[nn.Module, int]]
-    needs_model: bool = True
-
-
-ENCODERS: dict[str, EncoderSpec] = {
-    "pixels": EncoderSpec(
-        "pixels in [0, 1], area-pooled to fit dim, flattened",
-        pixels.preprocessor,
-        pixels.pixels,
-        needs_model=False,
-    ),
-    "random_projection": EncoderSpec(
-        "seeded Gaussian (Johnson-Lindenstrauss) projection of the pixels to dim",
-        pixels.preprocessor,
-        pixels.random_projection,
-        needs_model=False,
-    ),
-    "clip": EncoderSpec(
-        "CLIP image tower: projected image embeds",
-        partial(hf.preprocessor, "clip"),
-        partial(hf.network, "clip"),
-    ),
-    "dinov2": EncoderSpec(
-        "DINOv2: CLS token", partial(hf.preprocessor, "dinov2"), partial(hf.network, "dinov2")
-    ),
-    "vit": EncoderSpec(
-        "ViT: CLS token", partial(hf.preprocessor, "vit"), partial(hf.network, "vit")
-    ),
-    "inception": EncoderSpec(
-        "Inception-v3 pool3 (2048-d): pytorch-fid's network and weights file",
-        inception.preprocessor,
-        inception.network,
-    ),
-    "vae": EncoderSpec("AutoencoderKL latent mean, flattened", vae.preprocessor, vae.network),
-}
+ENCODERS: dict[str, EncoderSpec] = {name: entry.load() for name, entry in ENTRIES.items()}
 
 
 def _spec(name: str, model: str | None) -> EncoderSpec:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
     spec = ENCODERS[name]
-    if spec.needs_model and not model:
+    if ENTRIES[name].needs_model and not model:
         raise ValueError(f"encoder {name!r} needs a model: a local path or a hub-cache name")
     return spec
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """An encoder's two halves: preprocessor(model, in_channels, image_size) and
+    network(model, preprocessor, dim, seed) -> (module taking normalised NCHW float images,
+    output width). `dedt_ray.registry.ENCODERS` names each spec."""
+
+    preprocessor: Callable[[str | None, int, int], Preprocessor]
+    network: Callable[[str | None, Preprocessor, int, int], tuple[nn.Module, int]]
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ itself is done with torch (antialiased, like PIL), not by the processor.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from dedt_ray.encoders.base import Preprocessor, resolve_hf_model
+from dedt_ray.encoders.base import EncoderSpec, Preprocessor, resolve_hf_model
 
 # family -> (fallback mean, fallback std); values as in transformers.image_utils
 FALLBACK_NORM = {
@@ -111,3 +112,8 @@ def network(
     else:
         backbone = load_pretrained(transformers.ViTModel, path, add_pooling_layer=False)
     return VisionEmbedding(backbone, "cls"), backbone.config.hidden_size
+
+
+CLIP = EncoderSpec(partial(preprocessor, "clip"), partial(network, "clip"))
+DINOV2 = EncoderSpec(partial(preprocessor, "dinov2"), partial(network, "dinov2"))
+VIT = EncoderSpec(partial(preprocessor, "vit"), partial(network, "vit"))

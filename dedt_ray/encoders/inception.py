@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dedt_ray.encoders.base import Preprocessor
+from dedt_ray.encoders.base import EncoderSpec, Preprocessor
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -238,3 +238,6 @@ def network(model: str | None, pre: Preprocessor, dim: int, seed: int) -> tuple[
     except RuntimeError as err:
         raise ValueError(f"{path} is not a pytorch-fid Inception-v3 state_dict: {err}") from err
     return net, FEATURES
+
+
+INCEPTION = EncoderSpec(preprocessor, network)

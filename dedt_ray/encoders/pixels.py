@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from dedt_ray.encoders.base import Preprocessor, area_side
+from dedt_ray.encoders.base import EncoderSpec, Preprocessor, area_side
 
 # random_projection first area-pools images larger than this, so its matrix stays small
 # (at most 3 * 64 * 64 rows).
@@ -50,3 +50,7 @@ def random_projection(
 ) -> tuple[nn.Module, int]:
     side = min(pre.input_size, MAX_PROJECTION_SIDE)
     return RandomProjection(pre.channels, side, dim, seed), dim
+
+
+PIXELS = EncoderSpec(preprocessor, pixels)
+RANDOM_PROJECTION = EncoderSpec(preprocessor, random_projection)

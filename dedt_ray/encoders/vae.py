@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dedt_ray.encoders.base import Preprocessor, resolve_hf_model
+from dedt_ray.encoders.base import EncoderSpec, Preprocessor, resolve_hf_model
 from dedt_ray.encoders.hf import load_pretrained
 
 
@@ -60,3 +60,6 @@ def network(model: str | None, pre: Preprocessor, dim: int, seed: int) -> tuple[
     vae.decoder = None  # unused: frees its memory
     _, latent = _layout(vae.config, pre.input_size)
     return LatentMean(vae), vae.config.latent_channels * latent * latent
+
+
+VAE = EncoderSpec(preprocessor, network)

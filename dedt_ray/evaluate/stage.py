@@ -21,6 +21,7 @@ import ray
 import ray.data
 import ray.util
 
+from dedt_ray.artifacts import export_classes, model_dir
 from dedt_ray.config import Config, hash_json
 from dedt_ray.data import open_source
 from dedt_ray.evaluate.classifier import config_bytes, to_bytes, train_classifier
@@ -39,12 +40,13 @@ from dedt_ray.evaluate.streaming import (
     json_number,
 )
 from dedt_ray.runtime import cluster_gpus
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
 log = logging.getLogger("dedt_ray")
 
-MODEL = ("train", "model")
-ROUTED = ("tdc", "model")  # the TDC routed export, evaluated instead when tdc is enabled
+MODEL = model_dir("train")
+ROUTED = model_dir("tdc")  # the TDC routed export, evaluated instead when tdc ran
 METRICS, PER_CLASS, SAMPLES = "metrics.json", "per_class.json", "samples.png"
 CLASSIFIER_DIR = "classifier"
 # per-class statistics hold a D x D matrix per class and side; above this, they are skipped
@@ -53,34 +55,12 @@ GRID_CELL_PX = 32  # samples.png enlarges small images to about this many pixels
 
 
 # -- model info ----------------------------------------------------------------------------
-def model_parts(cfg: Config, store: RunStore) -> tuple[str, ...]:
-    """The model to evaluate: the TDC routed export when tdc is enabled and it exists."""
-    return ROUTED if cfg.tdc.enabled and store.exists(*ROUTED, "routing.json") else MODEL
+def model_parts(inputs: dict[str, str]) -> tuple[str, ...]:
+    """The model to evaluate: the TDC routed export when the tdc stage is an input."""
+    return ROUTED if "tdc" in inputs else MODEL
 
 
-def model_classes(
-    store: RunStore, model: tuple[str, ...] = MODEL
-) -> tuple[list[int] | None, list[str] | None, dict[str, Any]]:
-    """(class indices or None when unconditional, class names, dedt_model.json)."""
-    if store.exists(*model, "routing.json"):  # TDC: every group shares the label space
-        first = store.read_json(*model, "routing.json")["models"][0]
-        config = store.read_json(*model, first, "pruned.json")["config"]
-    elif store.exists(*model, "unet", "config.json"):
-        config = store.read_json(*model, "unet", "config.json")
-    else:
-        raise FileNotFoundError(
-            f"no exported model at {store.path(*model)}: run `dedt-ray train` first"
-        )
-    info = (
-        store.read_json(*model, "dedt_model.json")
-        if store.exists(*model, "dedt_model.json")
-        else {}
-    )
-    embeds = config.get("num_class_embeds")
-    if embeds is None:
-        return None, info.get("classes"), info
-    num = int(info.get("num_classes") or embeds - 1)
-    return list(range(num)), info.get("classes"), info
+model_classes = export_classes  # (class indices or None, class names, dedt_model.json)
 
 
 # -- feature space -------------------------------------------------------------------------
@@ -312,10 +292,10 @@ def grid_png(
 
 
 # -- the stage -----------------------------------------------------------------------------
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     ev = cfg.evaluate
-    model = model_parts(cfg, store)
-    classes, class_names, info = model_classes(store, model)
+    model = model_parts(ctx.inputs)
+    classes, class_names, info = export_classes(store, model)
     gpus = ev.gpus_per_actor if ev.gpus_per_actor is not None else min(1.0, cluster_gpus())
     space, space_source = resolve_feature_space(cfg, store, gpus)
     log.info("evaluate: feature space %s (%s)", space.metric, space_source)
@@ -329,22 +309,45 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         notes.append(f"per-class distances skipped: {n_classes} classes x {dim}^2 statistics")
 
     real = real_features(cfg, space, gpus, per_class)
-    n_real_classes = len(real.class_counts)
     fake, grid_images, grid_labels, flops, seconds = generated_features(
-        cfg, store, space, gpus, classes, per_class, n_real_classes, model
+        cfg, store, space, gpus, classes, per_class, len(real.class_counts), model
     )
-    metric = space.metric
-    metrics, per_class_rows, more_notes = compute_metrics(real, fake, metric, ev.nearest_k)
-    notes += more_notes
+    metrics, per_class_rows, more_notes = compute_metrics(real, fake, space.metric, ev.nearest_k)
     names = class_names or []
     for row in per_class_rows:
         row["name"] = names[row["label"]] if row["label"] < len(names) else str(row["label"])
         row["value"] = json_number(row["value"])
+    result = metrics_json(cfg, space, space_source, dim, metrics, real, fake, classes, flops,
+                          seconds, gpus, info, model, notes + more_notes)  # fmt: skip
+    store.write_json(result, "evaluate", METRICS)
+    store.write_json(
+        {"metric": space.metric, "feature_space": space.name, "classes": per_class_rows},
+        "evaluate",
+        PER_CLASS,
+    )
+    png = grid_png(grid_images, grid_labels, ev.grid_columns, classes, class_names)
+    store.write_bytes(png, "evaluate", SAMPLES)
+    return {
+        "rows": fake.count,
+        "real": real.count,
+        "metric": space.metric,
+        "value": result["metrics"][space.metric],
+        "feature_space": space.name,
+        "flops_per_image": flops,
+        "sampling_seconds": round(seconds, 3),
+        "summary": summary_line(result, ev, fake.count, real.count),
+    }
 
-    steps_note = {"scheduler": ev.scheduler, "num_inference_steps": ev.num_inference_steps,
-                  "guidance_scale": ev.guidance_scale}  # fmt: skip
-    result = {
-        "metric": metric,
+
+def metrics_json(
+    cfg: Config, space: FeatureSpace, space_source: str, dim: int, metrics: dict[str, Any],
+    real: FeatureAccumulator, fake: FeatureAccumulator, classes: list[int] | None, flops: int,
+    seconds: float, gpus: float, info: dict[str, Any], model: tuple[str, ...], notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """evaluate/metrics.json: the metrics and how they were measured."""
+    ev = cfg.evaluate
+    return {
+        "metric": space.metric,
         "metrics": {k: json_number(v) for k, v in metrics.items()},
         "feature_space": {**space.describe(), "dim": dim, "source": space_source},
         "samples": {
@@ -356,7 +359,9 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
             "nearest_k": ev.nearest_k,
         },
         "sampling": {
-            **steps_note,
+            "scheduler": ev.scheduler,
+            "num_inference_steps": ev.num_inference_steps,
+            "guidance_scale": ev.guidance_scale,
             "class_conditional": classes is not None,
             "flops_per_image": flops,
             "seconds": round(seconds, 3),
@@ -368,33 +373,17 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         "model_path": "/".join(model),
         "notes": notes,
     }
-    store.write_json(result, "evaluate", METRICS)
-    store.write_json(
-        {"metric": metric, "feature_space": space.name, "classes": per_class_rows},
-        "evaluate",
-        PER_CLASS,
-    )
-    rows = classes if classes is not None else None
-    store.write_bytes(
-        grid_png(grid_images, grid_labels, ev.grid_columns, rows, class_names), "evaluate", SAMPLES
-    )
 
+
+def summary_line(result: dict[str, Any], ev: Any, generated: int, real: int) -> str:
+    """One line: the main metric, precision and recall, sample counts, sampler."""
+    metric = result["metric"]
     value = result["metrics"][metric]
     parts = [f"{metric} {value:.4g}" if value is not None else f"{metric} n/a"]
     for k in ("precision", "recall"):
         if result["metrics"].get(k) is not None:
             parts.append(f"{k} {result['metrics'][k]:.3f}")
-    summary = (
-        f"{', '.join(parts)} on {fake.count} generated vs {real.count} real "
+    return (
+        f"{', '.join(parts)} on {generated} generated vs {real} real "
         f"({ev.scheduler} {ev.num_inference_steps} steps)"
     )
-    return {
-        "rows": fake.count,
-        "real": real.count,
-        "metric": metric,
-        "value": value,
-        "feature_space": space.name,
-        "flops_per_image": flops,
-        "sampling_seconds": round(seconds, 3),
-        "summary": summary,
-    }

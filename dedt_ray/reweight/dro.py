@@ -1,5 +1,8 @@
 """The DoReMi proxy loss: a drop-in for `core.training_loss` that runs Group DRO every call.
 
+`DROSpec` is the trainer's loss hook (`dedt_ray.diffusion.job.LossSpec`): the reweight stage
+puts one in the job, and each worker builds its `DROLoss` from it.
+
 Per micro-batch: draw (t, noise) once, compute the per-sample denoising losses of the proxy
 (with gradients) and of the frozen reference (without) on the same (x_t, t, noise), sum the
 excess per class (`GroupDRO.class_sums`), all-reduce sums and counts over the DDP ranks,
@@ -15,19 +18,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from dedt_ray.diffusion.core import (
-    LossConfig,
-    denoising_loss,
-    drop_labels,
-    min_snr_weight,
-    sample_timesteps,
-    snr,
-)
+from dedt_ray.diffusion.core import LossConfig, denoising_loss, draw_noise, timestep_weights
+from dedt_ray.diffusion.job import WorkerInfo
 from dedt_ray.reweight.doremi import GroupDRO
 
 
@@ -76,20 +74,6 @@ class DROLoss:
         self._steps: list[int] = []
         self._trace: dict[str, list[torch.Tensor]] = {"weight": [], "average": [], "excess": []}
 
-    @classmethod
-    def from_job(
-        cls, job: dict[str, Any], device: torch.device, world: int, distributed: bool
-    ) -> DROLoss:
-        """From the trainer's `dro` job field: reference (folder), num_classes, eta, smoothing."""
-        return cls(
-            load_reference_unet(job["reference"], device),
-            int(job["num_classes"]),
-            float(job["eta"]),
-            float(job["smoothing"]),
-            world,
-            distributed,
-        )
-
     def __call__(
         self,
         model: nn.Module,
@@ -103,15 +87,10 @@ class DROLoss:
         """Same signature as `core.training_loss`; `labels` are the true classes (required)."""
         if labels is None:
             raise ValueError("DRO reweighting needs class labels")
-        n = x0.shape[0]
-        t = sample_timesteps(
-            n, scheduler.config.num_train_timesteps, generator, x0.device, cfg.t_range
+        draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
+        return self.loss(
+            model, scheduler, x0, labels, draw.cond, draw.t, draw.noise, sample_weights, cfg
         )
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        cond = None
-        if cfg.null_class is not None:
-            cond = drop_labels(labels, cfg.label_dropout, cfg.null_class, generator)
-        return self.loss(model, scheduler, x0, labels, cond, t, noise, sample_weights, cfg)
 
     def _reference_labels(
         self, labels: torch.Tensor, cond: torch.Tensor | None
@@ -143,10 +122,8 @@ class DROLoss:
         with torch.no_grad():
             ref_labels = self._reference_labels(labels, cond)
             l_ref = denoising_loss(self.reference, scheduler, x0, ref_labels, t, noise)
-        if cfg is not None and cfg.min_snr_gamma is not None:
-            w_t = min_snr_weight(
-                snr(scheduler, t), cfg.min_snr_gamma, scheduler.config.prediction_type
-            )
+        w_t = timestep_weights(scheduler, t, cfg.min_snr_gamma) if cfg is not None else None
+        if w_t is not None:
             l_proxy, l_ref = l_proxy * w_t, l_ref * w_t
         sums, counts = self.dro.class_sums(l_proxy, l_ref, labels)
         if self.distributed:
@@ -161,6 +138,10 @@ class DROLoss:
         return self.dro.weighted_loss(per_sample, labels) * scale
 
     # -- trace and state -------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        """The trainer's hook after each optimizer step: keep the trace."""
+        self.record(step)
+
     def record(self, step: int) -> None:
         """Keep the weights after optimizer step `step`."""
         self._steps.append(int(step))
@@ -185,3 +166,26 @@ class DROLoss:
         self._steps = [int(s) for s in trace["step"].tolist()]
         for name in self._trace:
             self._trace[name] = list(trace[name].to(torch.float64).unbind(0))
+
+
+@dataclass(frozen=True)
+class DROSpec:
+    """The trainer's loss hook for a DoReMi proxy run: Group DRO against a frozen reference.
+
+    `reference`: the reference stage's export folder (local path or URI)."""
+
+    reference: str
+    num_classes: int
+    eta: float
+    smoothing: float
+    needs_labels: bool = True  # the excess is per class, also for unconditional models
+
+    def build(self, worker: WorkerInfo) -> DROLoss:
+        return DROLoss(
+            load_reference_unet(self.reference, worker.device),
+            self.num_classes,
+            self.eta,
+            self.smoothing,
+            worker.world,
+            worker.distributed,
+        )

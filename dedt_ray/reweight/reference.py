@@ -1,7 +1,8 @@
 """Stage `reference`: the reference DM that the DRO proxy is measured against.
 
-Either trained by the trainer (Ray Train; uniform class weights; on the `select` subset or
-the full data, `reference.data`; `reference.steps`, by default 3.5% of `train.steps`) or
+Either trained by the trainer library (Ray Train; uniform class weights; on the `select`
+subset or the full data, `reference.data`; `reference.steps`, by default 3.5% of
+`train.steps`) or
 copied from a user's diffusers UNet2DModel folder (`reference.pretrained`). Either way the
 artifact is `<run>/reference/model/` in the trainer's export layout (unet/, scheduler/,
 dedt_model.json), which `load_export` reads.
@@ -16,48 +17,28 @@ import tempfile
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 
+from dedt_ray.artifacts import TrainingInputs, model_dir, read_inputs
 from dedt_ray.config import Config, ConfigError
-from dedt_ray.diffusion.train import (
-    LATENT_INFO,
-    SCORES,
-    _keep_checkpoints,
-    export,
+from dedt_ray.diffusion.trainer import (
+    export_model,
     fit,
+    keep_checkpoints,
+    make_job,
     model_spec,
-    read_selection,
     resume_key,
+    run_summary,
     training_rows,
     write_history,
 )
-from dedt_ray.reweight.checks import (
-    check_reweight,
-    pretrained_unet_dir,
-    stage_config,
-)
+from dedt_ray.reweight.checks import check_reweight, pretrained_unet_dir, stage_config
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
 log = logging.getLogger("dedt_ray")
-MODEL = ("reference", "model")
-
-
-def subset_input(cfg: Config, store: RunStore) -> tuple[pa.Table | None, dict[str, str]]:
-    """The select stage's kept rows when it ran and is enabled (else None: all rows)."""
-    select = store.manifest("select")
-    if select is None or not cfg.select.enabled or not store.exists(*SCORES):
-        return None, {}
-    return read_selection(store), {"select": select["output_id"]}
-
-
-def latents_input(cfg: Config, store: RunStore) -> dict[str, str]:
-    if not cfg.model.latent:
-        return {}
-    latents = store.manifest("latents")
-    if latents is None:
-        raise RuntimeError("model.latent needs the latents stage first: `dedt-ray latents`")
-    return {"latents": latents["output_id"]}
+OUT = "reference"
+MODEL = model_dir(OUT)
 
 
 def uniform_weights(labels: np.ndarray, classes: list[str] | None) -> np.ndarray | None:
@@ -68,10 +49,12 @@ def uniform_weights(labels: np.ndarray, classes: list[str] | None) -> np.ndarray
     return np.full(k, 1.0 / k)
 
 
-def _expected_shape(cfg: Config, store: RunStore) -> tuple[int, int]:
+def _expected_shape(cfg: Config, inputs: TrainingInputs) -> tuple[int, int]:
     """(sample size, channels) the denoiser sees, from the config (and latents info)."""
     if cfg.model.latent:
-        shape = store.read_json(*LATENT_INFO)["shape"]
+        if inputs.latent_info is None:
+            raise RuntimeError("model.latent needs the latents stage first: `dedt-ray latents`")
+        shape = inputs.latent_info["shape"]
         return int(shape[1]), int(shape[0])
     return cfg.data.image_size, 1 if cfg.data.mode == "L" else 3
 
@@ -99,7 +82,7 @@ def check_scheduler(cfg: Config, folder: str) -> None:
         )
 
 
-def copy_pretrained(cfg: Config, store: RunStore) -> dict[str, Any]:
+def copy_pretrained(cfg: Config, store: RunStore, inputs: TrainingInputs) -> dict[str, Any]:
     """Validate the user's UNet against the data and write it in the export layout."""
     from diffusers import UNet2DModel
 
@@ -110,7 +93,7 @@ def copy_pretrained(cfg: Config, store: RunStore) -> dict[str, Any]:
     assert path is not None
     folder = pretrained_unet_dir(path)
     check_scheduler(cfg, path)
-    size, channels = _expected_shape(cfg, store)
+    size, channels = _expected_shape(cfg, inputs)
     unet = UNet2DModel.from_pretrained(folder)
     got = (unet.config.sample_size, unet.config.in_channels, unet.config.out_channels)
     if got != (size, channels, channels):
@@ -145,16 +128,13 @@ def copy_pretrained(cfg: Config, store: RunStore) -> dict[str, Any]:
     }
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     """Stage entry point: train (or copy) the reference model into `<run>/reference/model`."""
     check_reweight(cfg)
+    inputs = read_inputs(store, ctx.inputs)  # the subset (reference.data=subset), latents
     if cfg.reference.pretrained:
-        return copy_pretrained(cfg, store)
-    selection, used = (None, {})
-    if cfg.reference.data == "subset":
-        selection, used = subset_input(cfg, store)
-    used.update(latents_input(cfg, store))
-    rows, labels, classes, data = training_rows(cfg, store, selection)
+        return copy_pretrained(cfg, store, inputs)
+    rows, labels, classes, data = training_rows(cfg, store, inputs)
     weights = uniform_weights(labels, classes)
     if weights is None or len(weights) < 2:  # nothing to reweight: save the compute
         reason = "unlabelled data" if weights is None else "a single class"
@@ -162,33 +142,28 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         return {"skipped": reason, "steps": 0, "flops": 0, "summary": f"skipped: {reason}"}
     spec = model_spec(cfg, labels, classes, data)
     rcfg = stage_config(cfg, "reference")
-    key = resume_key(rcfg, used, extra={"stage": "reference", "data": cfg.reference.data})
+    key = resume_key(rcfg, inputs.used, stage=OUT, data=cfg.reference.data)
     log.info(
         "reference: %d rows (%s), uniform class weights, %d steps of batch %d",
-        len(labels), "subset" if selection is not None else "all rows",
+        len(labels), "subset" if inputs.selection is not None else "all rows",
         rcfg.train.steps, rcfg.train.batch_size,
     )  # fmt: skip
-    metrics, state = fit(rcfg, store, rows, labels, spec, weights, key, out="reference")
-    model_dir = export(rcfg, store, state, spec, classes, out="reference")
-    write_history(store, state["history"], out="reference")
-    _keep_checkpoints(store, key, "reference")
-    steps, flops = state["step"], state["flops_per_step"] * state["step"]
+    job = make_job(rcfg, spec, labels, weights, key)
+    metrics, state = fit(rcfg, store, job, rows, OUT)
+    export = export_model(rcfg, store, state, spec, classes, OUT)
+    write_history(store, state["history"], OUT)
+    keep_checkpoints(store, OUT, key)
+    done = run_summary(state, metrics)
     loss = metrics.get("loss", float("nan"))
     return {
         "source": "trained",
-        "data": "subset" if selection is not None else "full",
+        "data": "subset" if inputs.selection is not None else "full",
         "rows": int(len(labels)),
-        "steps": steps,
+        **done,
         "batch_size": rcfg.train.batch_size,
-        "images_seen": state["images_seen"],
-        "flops": flops,
-        "flops_per_step": state["flops_per_step"],
-        "train_wall_seconds": round(state["wall"], 3),
-        "final_loss": metrics.get("loss"),
-        "resumed_at": state["resumed_at"],
-        "inputs": used,
-        "model": store.uri(model_dir),
+        "inputs": inputs.used,
+        "model": store.uri(export),
         "spec": spec.to_dict(),
-        "summary": f"reference: {steps} steps on {len(labels)} rows, loss {loss:.4f}, "
-        f"{flops:.3g} FLOPs",
+        "summary": f"reference: {done['steps']} steps on {len(labels)} rows, loss {loss:.4f}, "
+        f"{done['flops']:.3g} FLOPs",
     }

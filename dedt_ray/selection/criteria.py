@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import linalg
 
+from dedt_ray.registry import CRITERIA as REGISTERED
 from dedt_ray.selection._util import (
     as_float,
     check_finite,
@@ -25,8 +26,6 @@ from dedt_ray.selection._util import (
     mean_scatter,
     row_chunks,
 )
-from dedt_ray.selection.greedy import herding_scores, kcenter_scores
-from dedt_ray.selection.neighbors import knn_scores
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -167,14 +166,9 @@ def random_scores(X: np.ndarray, n_keep: int | None, seed: int, notes: list[str]
     return np.random.default_rng(seed).random(len(X))
 
 
+# the criteria `dedt_ray.registry.CRITERIA` names, each a function of the class's embeddings
 SCORERS: dict[str, Callable[..., np.ndarray]] = {
-    "gaussian": gaussian_scores,
-    "ppca": ppca_scores,
-    "knn": knn_scores,
-    "moderate": moderate_scores,
-    "kcenter": kcenter_scores,
-    "herding": herding_scores,
-    "random": random_scores,
+    name: entry.load() for name, entry in REGISTERED.items()
 }
 
 CRITERIA: tuple[str, ...] = tuple(SCORERS)

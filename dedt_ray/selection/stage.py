@@ -17,11 +17,14 @@ import ray
 import ray.data
 from ray.data.context import ShuffleStrategy
 
+from dedt_ray.artifacts import EMBEDDINGS
+from dedt_ray.artifacts import SCORES as SCORES_PATH
 from dedt_ray.config import Config
 from dedt_ray.selection import class_seed, keep_mask_class, n_keep_for, score_class
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
-SCORES = "scores.parquet"
+SCORES = SCORES_PATH[1]
 EXAMPLES = "examples.png"
 HASH_SHUFFLE_BYTES = 2**30  # select.shuffle=auto: hash shuffle from 1 GiB of embeddings
 
@@ -73,12 +76,6 @@ def class_table(table: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
-def read_kept(store: RunStore) -> pa.Table:
-    """(id, label) of the kept rows of a completed select stage."""
-    ds = pads.dataset(store.uri(store.path("select", SCORES)), format="parquet")
-    return ds.to_table(columns=["id", "label"], filter=pads.field("kept"))
-
-
 def shuffle_strategy(choice: str, embedding_bytes: int) -> ShuffleStrategy:
     """The groupby shuffle for `select.shuffle`.
 
@@ -95,12 +92,12 @@ def shuffle_strategy(choice: str, embedding_bytes: int) -> ShuffleStrategy:
 
 def embedding_bytes(store: RunStore) -> int:
     """float32 bytes of the embedding matrix, from the parquet metadata (no data read)."""
-    files = pads.dataset(store.uri(store.path("embed", "embeddings.parquet")), format="parquet")
+    files = pads.dataset(store.uri(store.path(*EMBEDDINGS)), format="parquet")
     dim = files.schema.field("embedding").type.list_size
     return files.count_rows() * max(1, dim) * 4
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     sel = cfg.select
     size = embedding_bytes(store)
     strategy = shuffle_strategy(sel.shuffle, size)
@@ -110,7 +107,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     # holds a second copy of the embeddings): at ImageNet size on 2 CPUs, 2.0x instead of 2.6x.
     cpus = int(ray.cluster_resources().get("CPU", 1))
     context.max_hash_shuffle_finalization_batch_size = max(1, cpus // 2)
-    ds = ray.data.read_parquet(store.uri(store.path("embed", "embeddings.parquet")))
+    ds = ray.data.read_parquet(store.uri(store.path(*EMBEDDINGS)))
     scored = (
         ds.groupby("label")
         .map_groups(
@@ -126,7 +123,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         )
         .materialize()
     )
-    out = store.path("select", SCORES)
+    out = store.path(*SCORES_PATH)
     scored.drop_columns(["note"]).write_parquet(store.uri(out), mode="overwrite")
 
     refs = scored.select_columns(["id", "label", "score", "kept", "note"]).to_arrow_refs()

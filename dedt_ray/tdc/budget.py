@@ -83,3 +83,51 @@ def model_flops(
     """FLOPs of one forward pass (batch 1) at the training resolution."""
     inputs = example_inputs(model, sample_size, in_channels, class_conditional)
     return int(count_flops(model, inputs).get_total_flops())
+
+
+# -- accounting (pure arithmetic on measured FLOPs) -------------------------------------------
+TAYLOR_BATCHES, SCORE_BATCH = 4, 16  # Taylor importance batches and scoring batch size
+
+
+def search_flops(base_fwd: int, candidate_flops: list[int | None], n: int, score_steps: int) -> int:
+    """Training-equivalent FLOPs of one group's pruning search: Taylor importance on the base
+    model plus, per scored candidate (its forward FLOPs; None for a failed round), its
+    fine-tune and held-out evaluation (a forward + backward pass counted as 3 forward passes).
+    `n` images: a quarter held out, the rest fine-tuned on."""
+    n_held = max(1, n // 4)
+    n_train = n - n_held
+    total = 3 * base_fwd * TAYLOR_BATCHES * min(SCORE_BATCH, n)
+    for flops in candidate_flops:
+        if flops is None:
+            continue
+        total += 3 * flops * score_steps * min(SCORE_BATCH, n_train)
+        total += flops * n_held
+    return int(total)
+
+
+def training_totals(
+    stage1: int, search: int, stage2: int, baseline: int
+) -> dict[str, int | float | bool | None]:
+    """TDC's training FLOPs (stage 1 + search + stage 2) next to the single-model baseline."""
+    total = stage1 + search + stage2
+    return {
+        "stage1_flops": stage1,
+        "search_flops": search,
+        "stage2_flops": stage2,
+        "total_flops": total,
+        "baseline_flops": baseline,
+        "ratio_to_baseline": total / baseline if baseline else None,
+        "within_baseline": total <= baseline,
+    }
+
+
+def sampling_totals(
+    routed_flops_per_image: int, base_fwd: int, n_timesteps: int
+) -> dict[str, int | float | None]:
+    """Sampling FLOPs per image of the routed model next to the single model's."""
+    single = base_fwd * n_timesteps
+    return {
+        "routed_flops_per_image": routed_flops_per_image,
+        "single_flops_per_image": int(single),
+        "ratio": routed_flops_per_image / single if single else None,
+    }

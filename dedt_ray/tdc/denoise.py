@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from dedt_ray.diffusion.core import LossConfig, draw_noise
+from dedt_ray.diffusion.core import denoising_loss as per_sample_loss
 
 
 class Batch(NamedTuple):
@@ -26,23 +28,17 @@ def denoising_loss(
     t_range: tuple[int, int],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Mean squared error of the model's prediction, t uniform in ``[lo, hi)``.
+    """Mean denoising loss of the model's prediction, t uniform in ``[lo, hi)``.
 
-    The target is the noise (``epsilon``) or, for ``prediction_type="v_prediction"``, the
-    velocity. Noise and timesteps are drawn on the CPU from ``generator``, so a seeded generator
-    gives the same (x_t, t, noise) on any device.
+    The draw is the trainer's (``core.draw_noise``: t, then the noise; labels as given), made
+    on the CPU from ``generator``, so a seeded generator gives the same (x_t, t, noise) on any
+    device; the target is the noise or, for v-prediction, the velocity (``core.denoising_loss``).
     """
-    lo, hi = t_range
-    x0 = batch.images
     device = next(model.parameters()).device
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    t = torch.randint(lo, hi, (x0.shape[0],), generator=generator).to(device)
-    x0 = x0.to(device)
-    x_t = scheduler.add_noise(x0, noise, t)
-    if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    else:
-        target = noise
+    draw = draw_noise(
+        batch.images, None, scheduler.config.num_train_timesteps, generator,
+        LossConfig(t_range=t_range),
+    )  # fmt: skip
     labels = None if batch.labels is None else batch.labels.to(device)
-    pred = model(x_t, t, class_labels=labels).sample
-    return F.mse_loss(pred, target)
+    x0, t, noise = batch.images.to(device), draw.t.to(device), draw.noise.to(device)
+    return per_sample_loss(model, scheduler, x0, labels, t, noise).mean()

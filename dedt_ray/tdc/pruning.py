@@ -627,3 +627,13 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> UNet2DM
     apply_shapes(model, description["modules"])
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class PrunedModel:
+    """The trainer's model source for a TDC group fine-tune: a ``save_pruned`` folder."""
+
+    path: str
+
+    def build(self, model_cfg: Any, spec: Any) -> UNet2DModel:
+        return load_pruned(self.path)

@@ -81,6 +81,16 @@ class RoutedUNet(nn.Module):
             out[idx] = pred
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> RoutedUNet:
+        """Load a ``save_pretrained`` folder (diffusers' loading calls this for an export's
+        ``unet/`` when its model_index.json names this class; loader options are ignored)."""
+        return load_routed(path)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+        """``save_routed`` (weights are always safetensors)."""
+        save_routed(self, path)
+
     def make_scheduler(self) -> Any:
         """A fresh scheduler from the stored ``scheduler_config``."""
         if self.scheduler_config is None:
@@ -96,7 +106,9 @@ def scheduler_config(scheduler: Any) -> dict[str, Any]:
 
 
 def save_routed(routed: RoutedUNet, path: str | Path) -> None:
-    """One ``save_pruned`` folder per group plus ``routing.json`` (groups, scheduler config)."""
+    """One ``save_pruned`` folder per group, ``routing.json`` (groups, scheduler config) and a
+    diffusers-style ``config.json`` (class name and the groups' shared UNet config, so readers
+    of an export find the sample size and label space where a UNet2DModel has them)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     folders = [f"group_{i:02d}" for i in range(len(routed.models))]
@@ -109,6 +121,9 @@ def save_routed(routed: RoutedUNet, path: str | Path) -> None:
         "scheduler": routed.scheduler_config,
     }
     (path / "routing.json").write_text(json.dumps(routing, indent=1))
+    config = {k: v for k, v in routed.config.items() if not k.startswith("_")}
+    config = {"_class_name": type(routed).__name__, **config, "groups": routing["groups"]}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def load_routed(path: str | Path, device: str | torch.device = "cpu") -> RoutedUNet:

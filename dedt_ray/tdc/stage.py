@@ -3,11 +3,11 @@
 Stage 1 is the `train` stage's exported (EMA) model, trained on all timesteps. The stage then
 groups the timesteps by SNR, gives each group a FLOPs budget, decides each group's pruning with
 a proxy (Optuna study in ``<run>/tdc/proxy-<g>.db``, or an LLM) scored by a short fine-tune on
-the group's timesteps, and fine-tunes each group's pruned model on its timesteps only (stage 2,
-Ray Train ``fit`` with ``t_range`` and the pruned model as ``init_unet``). Outputs:
+the group's timesteps, and fine-tunes each group's pruned model on its timesteps only (stage 2:
+the trainer library's ``fit`` with ``t_range`` and a ``PrunedModel`` source). Outputs:
 
-- ``<run>/tdc/model/``: the routed export (``save_routed`` folders + ``routing.json``, plus
-  ``scheduler/`` and ``dedt_model.json``, so ``load_export`` returns a ``RoutedUNet``);
+- ``<run>/tdc/model/``: the routed export (``save_export`` layout; ``unet/`` is a
+  ``RoutedUNet`` folder, which ``load_export`` finds through model_index.json);
 - ``<run>/tdc/rounds.json``: every proxy round (group, round, proposer, ratios, FLOPs, score);
 - ``<run>/tdc/pruned/group_<g>``: the chosen pruned models before stage 2;
 - the manifest: groups, budgets, training FLOPs (stage 1 + search + stage 2) next to the
@@ -16,28 +16,30 @@ Ray Train ``fit`` with ``t_range`` and the pruned model as ``init_unet``). Outpu
 The pruning decisions run in the driver, one group after another. Each stage-2 fine-tune is
 its own Ray Train run (DDP over ``train.num_workers``); ``tdc.parallel_groups`` of them run at
 once (default: as many as the free CPUs / GPUs hold; one at a time with
-``train.num_workers=0``). The run directory must be local (``init_unet`` is a local path).
+``train.num_workers=0``). The run directory must be local (the pruned folders are local paths).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from dedt_ray.artifacts import class_weights_for, model_dir, read_inputs
 from dedt_ray.config import Config
+from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
 log = logging.getLogger("dedt_ray")
 
 OUT = "tdc"
-TAYLOR_BATCHES, SCORE_BATCH = 4, 16  # UNetPruner.from_denoising / denoising_score defaults
+BASE = model_dir("train")
 
 
 def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -> Any:
@@ -60,21 +62,6 @@ def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -
         images = images.float()
     labels = torch.from_numpy(y.astype(np.int64)) if conditional else None
     return Batch(images.contiguous(), labels)
-
-
-def search_flops(base_fwd: int, history: list[Any], n: int, score_steps: int) -> int:
-    """Training-equivalent FLOPs of one group's pruning search: Taylor importance on the base
-    model plus, per scored candidate, its fine-tune and held-out evaluation (a forward +
-    backward pass counted as 3 forward passes)."""
-    n_held = max(1, n // 4)
-    n_train = n - n_held
-    total = 3 * base_fwd * TAYLOR_BATCHES * min(SCORE_BATCH, n)
-    for record in history:
-        if record.flops is None:
-            continue
-        total += 3 * record.flops * score_steps * min(SCORE_BATCH, n_train)
-        total += record.flops * n_held
-    return int(total)
 
 
 def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, db: str) -> Any:
@@ -132,45 +119,34 @@ def stage2_parallelism(cfg: Config, n_groups: int) -> int:
     return int(max(1, min(n_groups, fits)))
 
 
-def finetuned_model(pruned_dir: str, state: dict[str, Any]) -> torch.nn.Module:
-    """The pruned architecture with the stage-2 EMA weights."""
-    from dedt_ray.tdc.pruning import load_pruned
+# -- the stage, step by step ---------------------------------------------------------------
+@dataclass
+class Plan:
+    """Stage 1's model, the timestep groups with their budgets, and the training data."""
 
-    model = load_pruned(pruned_dir)
-    model.load_state_dict(state["model"])
-    for param, shadow in zip(model.parameters(), state["ema"]["shadow_params"], strict=True):
-        param.data.copy_(shadow)
-    return model.eval()
+    base: torch.nn.Module
+    noise_scheduler: Any
+    vae: Any
+    info: dict[str, Any]
+    spec: Any  # ModelSpec of the train stage
+    groups: list[tuple[int, int]]
+    budgets: list[float]
+    described: list[dict[str, Any]]
+    base_fwd: int
 
 
-def run(cfg: Config, store: RunStore) -> dict[str, Any]:
-    """Stage entry point (see the module docstring)."""
-    from dedt_ray.diffusion.export import INFO, load_export
-    from dedt_ray.diffusion.models import ModelSpec, sampling_scheduler
-    from dedt_ray.diffusion.train import (
-        fit,
-        read_class_weights,
-        resolve_inputs,
-        resume_key,
-        training_rows,
-    )
+def plan(cfg: Config, store: RunStore) -> Plan:
+    """Load the train stage's export, group the timesteps and give each group its budget."""
+    from dedt_ray.diffusion.export import load_export
+    from dedt_ray.diffusion.models import ModelSpec
     from dedt_ray.tdc.budget import group_budgets, model_flops
     from dedt_ray.tdc.grouping import describe_groups, group_timesteps
-    from dedt_ray.tdc.proxy import decide_group, denoising_score
-    from dedt_ray.tdc.pruning import UNetPruner, save_pruned
-    from dedt_ray.tdc.routing import RoutedUNet, sampling_flops, save_routed, scheduler_config
 
-    started = time.time()
     tc = cfg.tdc
-    train_manifest = store.manifest("train")
-    base_dir = store.local_path("train", "model")
-    base, noise_scheduler, vae, info = load_export(base_dir)
+    base, noise_scheduler, vae, info = load_export(store.local_path(*BASE))
     base.requires_grad_(True)
     spec_dict = store.read_json("train", "run.json")["spec"]
     spec = ModelSpec(**{k: v for k, v in spec_dict.items() if k != "null_class"})
-    conditional = spec.num_classes > 0
-
-    # -- groups and budgets ----------------------------------------------------------------
     groups = group_timesteps(noise_scheduler, tc.n_groups, tc.rule, tc.boundaries, tc.boundary_unit)
     described = describe_groups(noise_scheduler, groups)
     base_fwd = model_flops(base)
@@ -179,164 +155,178 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         row["budget_flops"] = int(budget)
         row["budget_fraction"] = budget / base_fwd
     log.info("tdc: groups %s", [(r["t_lo"], r["t_hi"], r["size"]) for r in described])
+    return Plan(base, noise_scheduler, vae, info, spec, groups, budgets, described, base_fwd)
 
-    # -- data ------------------------------------------------------------------------------
-    inputs = resolve_inputs(cfg, store)
-    rows, labels, _, _ = training_rows(cfg, store, inputs.selection)
-    class_weights = None
-    if inputs.class_weights is not None:
-        num_classes = spec.num_classes or int(labels.max()) + 1
-        class_weights = read_class_weights(inputs.class_weights, num_classes)
-    data = score_batch(rows, tc.score_images, cfg.seed, not spec.latent, conditional)
-    n = data.images.shape[0]
 
-    # -- per group: proxy-based pruning decision (in the driver) ---------------------------
-    cfg2 = stage2_config(cfg)
-    store.clear(OUT)
-    rounds: list[dict[str, Any]] = []
-    per_group: list[dict[str, Any]] = []
-    for g, (lo, hi) in enumerate(groups):
-        t0 = time.time()
-        if budgets[g] >= base_fwd:  # the full-size group: the base model, nothing to search
-            ratios, pruned, history, search, best_score = {}, copy.deepcopy(base), [], 0, None
-        else:
-            pruner = UNetPruner.from_denoising(
-                base, noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
-            )
-            db = store.local_path(OUT, f"proxy-{g}.db")
-            proxy = make_proxy(cfg, pruner, described[g], budgets[g], db)
+def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[dict, list[dict]]:
+    """Group `g`'s pruning decision (the full-size group keeps the base model); saves the
+    chosen model to `<run>/tdc/pruned/group_<g>`. Returns (manifest row, its rounds)."""
+    from dedt_ray.tdc.budget import SCORE_BATCH, TAYLOR_BATCHES, model_flops, search_flops
+    from dedt_ray.tdc.proxy import decide_group, denoising_score
+    from dedt_ray.tdc.pruning import UNetPruner, save_pruned
 
-            def score(model: torch.nn.Module, t_range: tuple[int, int] = (lo, hi)) -> float:
-                return denoising_score(
-                    model, noise_scheduler, data, t_range, tc.score_steps, cfg.train.lr * 0.1,
-                    cfg.seed, batch_size=SCORE_BATCH,
-                )  # fmt: skip
-
-            ratios, pruned, history = decide_group(
-                base, (lo, hi), budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
-            )
-            search = search_flops(base_fwd, history, n, tc.score_steps)
-            best_score = min(r.score for r in history if r.score is not None)
-        rounds += [{"group": g, **r.to_dict()} for r in history]
-        save_pruned(pruned, store.local_path(OUT, "pruned", f"group_{g:02d}"))
-        pruned_fwd = model_flops(pruned)
-        log.info(
-            "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
-            g, lo, hi, len(history), best_score, 100 * pruned_fwd / base_fwd,
-        )  # fmt: skip
-        per_group.append(
-            {
-                **described[g],
-                "ratios": ratios,
-                "flops_per_image": pruned_fwd,
-                "flops_fraction": pruned_fwd / base_fwd,
-                "best_score": best_score,
-                "rounds": len(history),
-                "search_flops": search,
-                "search_seconds": round(time.time() - t0, 3),
-            }
+    tc, (lo, hi), t0 = cfg.tdc, p.groups[g], time.time()
+    if p.budgets[g] >= p.base_fwd:  # the full-size group: the base model, nothing to search
+        ratios, pruned, history, search, best = {}, copy.deepcopy(p.base), [], 0, None
+    else:
+        pruner = UNetPruner.from_denoising(
+            p.base, p.noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
         )
-    store.write_json(rounds, OUT, "rounds.json")
+        db = store.local_path(OUT, f"proxy-{g}.db")
+        proxy = make_proxy(cfg, pruner, p.described[g], p.budgets[g], db)
 
-    # -- stage 2: each group's fine-tune, as many at once as the cluster holds ---------------
-    parallel = stage2_parallelism(cfg, len(groups))
+        def score(model: torch.nn.Module) -> float:
+            return denoising_score(
+                model, p.noise_scheduler, data, (lo, hi), tc.score_steps, cfg.train.lr * 0.1,
+                cfg.seed, batch_size=SCORE_BATCH,
+            )  # fmt: skip
+
+        ratios, pruned, history = decide_group(
+            p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
+        )
+        n = data.images.shape[0]
+        search = search_flops(p.base_fwd, [r.flops for r in history], n, tc.score_steps)
+        best = min(r.score for r in history if r.score is not None)
+    save_pruned(pruned, store.local_path(OUT, "pruned", f"group_{g:02d}"))
+    pruned_fwd = model_flops(pruned)
+    log.info(
+        "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
+        g, lo, hi, len(history), best, 100 * pruned_fwd / p.base_fwd,
+    )  # fmt: skip
+    row = {
+        **p.described[g],
+        "ratios": ratios,
+        "flops_per_image": pruned_fwd,
+        "flops_fraction": pruned_fwd / p.base_fwd,
+        "best_score": best,
+        "rounds": len(history),
+        "search_flops": search,
+        "search_seconds": round(time.time() - t0, 3),
+    }
+    return row, [{"group": g, **r.to_dict()} for r in history]
+
+
+def finetune_all(
+    cfg: Config, store: RunStore, ctx: StageContext, p: Plan, rows: Any, labels: Any,
+    class_weights: Any, per_group: list[dict[str, Any]],
+) -> tuple[list[torch.nn.Module], int]:  # fmt: skip
+    """Stage 2: each group's pruned model fine-tuned on its timesteps, as many at once as the
+    cluster holds; adds the stage-2 fields to each group's row. (models, runs at once)"""
+    from dedt_ray.diffusion.trainer import ema_model, fit, make_job, ray_run_name, resume_key
+    from dedt_ray.tdc.pruning import PrunedModel
+
+    cfg2, parallel = stage2_config(cfg), stage2_parallelism(cfg, len(p.groups))
     if parallel > 1 and cfg.train.threads_per_worker is None:  # runs share the node's cores
         threads = max(1, int(cfg.train.cpus_per_worker))
         cfg2 = cfg2.model_copy(
             update={"train": cfg2.train.model_copy(update={"threads_per_worker": threads})}
         )
-    log.info("tdc: stage 2, %d group fine-tunes, %d at a time", len(groups), parallel)
+    log.info("tdc: stage 2, %d group fine-tunes, %d at a time", len(p.groups), parallel)
 
-    def finetune(g: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-        pruned_dir = store.local_path(OUT, "pruned", f"group_{g:02d}")
-        extra = {
-            "tdc_group": g,
-            "t_range": list(groups[g]),
-            "ratios": per_group[g]["ratios"],
-            "train": train_manifest["output_id"],
-            "tdc": tc.model_dump(mode="json"),
-        }
-        key = resume_key(cfg2, inputs.used, extra)
-        t0 = time.time()
-        metrics, state = fit(
-            cfg2, store, rows, labels, spec, class_weights, key,
-            out=f"tdc-g{g}", t_range=groups[g], init_unet=pruned_dir,
+    def finetune(g: int) -> torch.nn.Module:
+        source = PrunedModel(store.local_path(OUT, "pruned", f"group_{g:02d}"))
+        key = resume_key(
+            cfg2, ctx.inputs, source, tdc_group=g, t_range=list(p.groups[g]),
+            ratios=per_group[g]["ratios"], tdc=cfg.tdc.model_dump(mode="json"),
         )  # fmt: skip
-        ray_dir = ("_ray", f"tdc-g{g}-{key}")
+        t0 = time.time()
+        job = make_job(cfg2, p.spec, labels, class_weights, key, source, t_range=p.groups[g])
+        metrics, state = fit(cfg2, store, job, rows, f"{OUT}-g{g}")
+        ray_dir = ("_ray", ray_run_name(f"{OUT}-g{g}", key))
         if store.exists(*ray_dir):
             store.fs.delete_dir(store.path(*ray_dir))
-        done = {
-            "stage2_steps": state["step"],
-            "stage2_flops": int(state["flops_per_step"] * state["step"]),
-            "stage2_loss": metrics.get("loss"),
-            "stage2_started": t0,
-            "stage2_seconds": round(time.time() - t0, 3),
-        }
-        return finetuned_model(pruned_dir, state), done
+        per_group[g].update(
+            stage2_steps=state["step"],
+            stage2_flops=int(state["flops_per_step"] * state["step"]),
+            stage2_loss=metrics.get("loss"),
+            stage2_started=t0,
+            stage2_seconds=round(time.time() - t0, 3),
+        )
+        return ema_model(source, cfg2, p.spec, state).eval()
 
     with ThreadPoolExecutor(parallel, thread_name_prefix="tdc-stage2") as pool:
-        finished = list(pool.map(finetune, range(len(groups))))  # Train V2 fit runs in threads
-    models = [model for model, _ in finished]
-    for row, (_, done) in zip(per_group, finished, strict=True):
-        row.update(done)
+        models = list(pool.map(finetune, range(len(p.groups))))  # Train V2 fit runs in threads
+    return models, parallel
 
-    # -- routed export ---------------------------------------------------------------------
-    routed = RoutedUNet(models, groups, scheduler_config(noise_scheduler))
-    steps = cfg.evaluate.num_inference_steps
-    sampler = sampling_scheduler(noise_scheduler, cfg.evaluate.scheduler)
-    routed_sampling = sampling_flops(routed, sampler, steps)
-    single_sampling = base_fwd * len(_timesteps(sampler, steps))
-    stage1 = int(train_manifest["flops"])
-    baseline = int(cfg.train.steps * train_manifest["flops_per_step"])
-    search_total = sum(r["search_flops"] for r in per_group)
-    stage2_total = sum(r["stage2_flops"] for r in per_group)
-    total = stage1 + search_total + stage2_total
-    model_dir = store.local_path(OUT, "model")
-    save_routed(routed, model_dir)
-    noise_scheduler.save_pretrained(os.path.join(model_dir, "scheduler"))
-    export_info = {
-        **info,
+
+def export_routed(
+    cfg: Config, store: RunStore, p: Plan, models: list[torch.nn.Module], flops: int, steps: int
+) -> str:
+    """The routed model in the export layout at `<run>/tdc/model`."""
+    from dedt_ray.diffusion.export import save_export
+    from dedt_ray.tdc.routing import RoutedUNet, scheduler_config
+
+    routed = RoutedUNet(models, p.groups, scheduler_config(p.noise_scheduler))
+    info = {
+        **p.info,
         "tdc": True,
-        "groups": [list(g) for g in groups],
-        "steps": info.get("steps", 0) + sum(r["stage2_steps"] for r in per_group),
-        "flops": total,
+        "groups": [list(g) for g in p.groups],
+        "steps": p.info.get("steps", 0) + steps,
+        "flops": flops,
     }
-    store.write_json(export_info, OUT, "model", INFO)
-    if vae is not None:
-        vae.save_pretrained(os.path.join(model_dir, "vae"), safe_serialization=True)
+    dest = store.local_path(*model_dir(OUT))
+    save_export(dest, routed, p.noise_scheduler, info, p.vae)
+    return dest
 
-    training = {
-        "stage1_flops": stage1,
-        "search_flops": search_total,
-        "stage2_flops": stage2_total,
-        "total_flops": total,
-        "baseline_flops": baseline,
-        "ratio_to_baseline": total / baseline if baseline else None,
-        "within_baseline": total <= baseline,
-    }
+
+def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
+    """Stage entry point (see the module docstring)."""
+    from dedt_ray.diffusion.models import sampling_scheduler
+    from dedt_ray.diffusion.trainer import training_rows
+    from dedt_ray.tdc.budget import sampling_totals, training_totals
+    from dedt_ray.tdc.routing import RoutedUNet, sampling_flops
+
+    started, tc = time.time(), cfg.tdc
+    p = plan(cfg, store)
+    inputs = read_inputs(store, ctx.inputs)
+    rows, labels, classes, _ = training_rows(cfg, store, inputs)
+    class_weights = class_weights_for(inputs.class_weights, labels, classes)
+    data = score_batch(rows, tc.score_images, cfg.seed, not p.spec.latent, p.spec.num_classes > 0)
+    store.clear(OUT)
+    decided = [decide(cfg, store, p, g, data) for g in range(len(p.groups))]
+    per_group = [row for row, _ in decided]
+    store.write_json([r for _, rounds in decided for r in rounds], OUT, "rounds.json")
+    models, parallel = finetune_all(cfg, store, ctx, p, rows, labels, class_weights, per_group)
+
+    train = inputs.manifests["train"]
+    training = training_totals(
+        int(train["flops"]),
+        sum(r["search_flops"] for r in per_group),
+        sum(r["stage2_flops"] for r in per_group),
+        int(cfg.train.steps * train["flops_per_step"]),
+    )
+    dest = export_routed(
+        cfg, store, p, models, training["total_flops"], sum(r["stage2_steps"] for r in per_group)
+    )
+    ev = cfg.evaluate
+    sampler = sampling_scheduler(p.noise_scheduler, ev.scheduler)
+    routed = RoutedUNet(models, p.groups)
     sampling = {
-        "scheduler": cfg.evaluate.scheduler,
-        "num_inference_steps": steps,
-        "routed_flops_per_image": routed_sampling,
-        "single_flops_per_image": int(single_sampling),
-        "ratio": routed_sampling / single_sampling if single_sampling else None,
+        "scheduler": ev.scheduler,
+        "num_inference_steps": ev.num_inference_steps,
+        **sampling_totals(
+            sampling_flops(routed, sampler, ev.num_inference_steps),
+            p.base_fwd,
+            len(_timesteps(sampler, ev.num_inference_steps)),
+        ),
     }
     summary = (
-        f"{len(groups)} groups {[list(g) for g in groups]}, pruned to "
+        f"{len(p.groups)} groups {[list(g) for g in p.groups]}, pruned to "
         f"{[round(r['flops_fraction'], 3) for r in per_group]} of the base; training FLOPs "
-        f"{total:.3g} ({training['ratio_to_baseline']:.2f}x the single-model {baseline:.3g}); "
-        f"sampling {routed_sampling:.3g} FLOPs/image ({sampling['ratio']:.2f}x)"
+        f"{training['total_flops']:.3g} ({training['ratio_to_baseline']:.2f}x the single-model "
+        f"{training['baseline_flops']:.3g}); sampling {sampling['routed_flops_per_image']:.3g} "
+        f"FLOPs/image ({sampling['ratio']:.2f}x)"
     )
     log.info("tdc: %s", summary)
     return {
-        "rows": len(groups),
+        "rows": len(p.groups),
         "groups": per_group,
         "stage2_parallel": parallel,
-        "base_flops_per_image": base_fwd,
+        "base_flops_per_image": p.base_fwd,
         "training_flops": training,
         "sampling_flops": sampling,
         "proxy": tc.proxy,
-        "model": store.uri(model_dir),
+        "model": store.uri(dest),
         "seconds_total": round(time.time() - started, 3),
         "summary": summary,
     }

@@ -1,0 +1,337 @@
+"""The trainer library every training stage shares (train, reference, reweight, tdc): the driver.
+
+    rows, labels, classes, data = training_rows(cfg, store, inputs)   # once, in the object store
+    spec = model_spec(cfg, labels, classes, data)
+    job = make_job(cfg, spec, labels, class_weights, key, source=..., loss=...)
+    metrics, state = fit(cfg, store, job, rows, out, callbacks)   # Ray Train V2
+    export_model(cfg, store, state, spec, classes, out)          # diffusers layout
+    keep_checkpoints(store, out, key); write_history(store, state["history"], out)
+
+The worker side is `dedt_ray.diffusion.worker.train_loop`; the job and its typed hooks (model
+source, loss) are `dedt_ray.diffusion.job`. Checkpoints live under `<run>/_ray/<out>-<key>` while
+a run is in progress, so rerunning a crashed stage with the same key resumes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.fs as pafs  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+import ray.train  # noqa: E402
+
+from dedt_ray.artifacts import LATENTS, TrainingInputs, model_dir  # noqa: E402
+from dedt_ray.config import Config, hash_json  # noqa: E402
+from dedt_ray.diffusion.job import (  # noqa: E402
+    LossSpec,
+    ModelSource,
+    PlainLoss,
+    ScratchModel,
+    TrainJob,
+    hook_key,
+)
+from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler  # noqa: E402
+from dedt_ray.diffusion.state import load_state  # noqa: E402
+from dedt_ray.store import RunStore  # noqa: E402
+
+# train.* fields that do not change what is trained (excluded from the resume key)
+OPERATIONAL = {
+    "num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "checkpoint_every",
+    "keep_checkpoints", "max_failures", "log_every", "fail_at_step", "fail_flag",
+}  # fmt: skip
+
+
+# -- rows ----------------------------------------------------------------------------------
+def _prepare_rows(
+    batch: dict[str, np.ndarray],
+    column: str,
+    shape: tuple[int, ...],
+    keep: np.ndarray | None,
+    keep_weights: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """Keep the selected ids; bring the training column to `x` of `shape` per row."""
+    ids = np.asarray(batch["id"]).astype(str)
+    mask = np.ones(len(ids), bool) if keep is None else np.isin(ids, keep)
+    x = np.asarray(batch[column])
+    if x.dtype == object:
+        x = np.stack(list(x))
+    x = x[mask].reshape((-1, *shape))
+    out = {"id": ids[mask], "label": np.asarray(batch["label"], np.int64)[mask], "x": x}
+    if keep_weights is not None:
+        out["weight"] = keep_weights[np.searchsorted(keep, out["id"])].astype(np.float32)
+    return out
+
+
+def training_rows(
+    cfg: Config, store: RunStore, inputs: TrainingInputs
+) -> tuple[ray.data.Dataset, np.ndarray, list[str] | None, dict[str, Any]]:
+    """(materialised rows: id, label, x [, weight]), labels, class names, data info.
+
+    Source images (or the latents stage's latents), restricted to the selection if any."""
+    from dedt_ray.data import open_source
+
+    if cfg.model.latent:
+        info = inputs.latent_info
+        if info is None:
+            raise RuntimeError("model.latent needs the latents stage first: `dedt-ray latents`")
+        ds = ray.data.read_parquet(store.uri(store.path(*LATENTS)))
+        column, shape, classes = "latent", tuple(info["shape"]), info.get("classes")
+        data_info = {"latent_shape": info["shape"], "scaling_factor": info["scaling_factor"]}
+    else:
+        source = open_source(cfg.data)
+        channels = 1 if cfg.data.mode == "L" else 3
+        size = cfg.data.image_size
+        ds, column, classes = source.dataset, "image", source.classes
+        shape, data_info = (size, size, channels), {}
+    keep = keep_weights = None
+    selection = inputs.selection
+    if selection is not None:
+        order = np.argsort(np.asarray(selection.column("id").to_pylist(), dtype=str))
+        keep = np.asarray(selection.column("id").to_pylist(), dtype=str)[order]
+        if "weight" in selection.column_names:
+            keep_weights = selection.column("weight").to_numpy()[order]
+    ds = ds.map_batches(
+        _prepare_rows,
+        fn_kwargs={"column": column, "shape": shape, "keep": keep, "keep_weights": keep_weights},
+        batch_format="numpy",
+    ).materialize()
+    labels = np.concatenate(
+        [b["label"] for b in ds.select_columns(["label"]).iter_batches(batch_format="numpy")]
+        or [np.zeros(0, np.int64)]
+    )
+    if len(labels) == 0:
+        raise ValueError("no training rows (empty source or empty selection)")
+    return ds, labels, classes, {"shape": list(shape), **data_info}
+
+
+def model_spec(cfg: Config, labels: np.ndarray, classes: list[str] | None, data: dict) -> ModelSpec:
+    """The UNet's input shape and label space from the data and the config."""
+    if cfg.model.latent:
+        channels, size = data["latent_shape"][0], data["latent_shape"][1]
+    else:
+        size, channels = cfg.data.image_size, 1 if cfg.data.mode == "L" else 3
+    if cfg.model.sample_size is not None and cfg.model.sample_size != size:
+        raise ValueError(f"model.sample_size={cfg.model.sample_size} but the data are {size} px")
+    num_classes = 0
+    if cfg.model.class_conditional:
+        if labels.min() < 0:
+            raise ValueError(
+                "model.class_conditional needs labelled data (labels are -1); "
+                "set model.class_conditional=false"
+            )
+        num_classes = len(classes) if classes else int(labels.max()) + 1
+    return ModelSpec(size, channels, num_classes, cfg.model.latent)
+
+
+# -- the job -------------------------------------------------------------------------------
+def resume_key(
+    cfg: Config,
+    used: dict[str, str],
+    source: ModelSource | None = None,
+    loss: LossSpec | None = None,
+    **extra: Any,
+) -> str:
+    """What a checkpoint must match to be resumed: everything but operational settings, the
+    upstream outputs, the hooks (class and fields) and anything in `extra`."""
+    train = cfg.train.model_dump(mode="json", exclude=OPERATIONAL)
+    return hash_json(
+        {
+            "seed": cfg.seed,
+            "data": cfg.data.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"),
+            "train": train,
+            "inputs": used,
+            "source": hook_key(source or ScratchModel()),
+            "loss": hook_key(loss or PlainLoss()),
+            "extra": extra,
+        }
+    )
+
+
+def make_job(
+    cfg: Config,
+    spec: ModelSpec,
+    labels: np.ndarray,
+    class_weights: np.ndarray | None,
+    key: str,
+    source: ModelSource | None = None,
+    loss: LossSpec | None = None,
+    t_range: tuple[int, int] | None = None,
+) -> TrainJob:
+    """The worker's job: class weights as sampling probabilities or loss multipliers."""
+    from dedt_ray.runtime import cluster_gpus
+
+    tc = cfg.train
+    sampling = loss_weights = None
+    if class_weights is not None:
+        if tc.class_weighting == "sampling":
+            sampling = class_weights.tolist()
+        else:  # importance weights: same expected gradient as sampling by class weights
+            share = np.bincount(labels, minlength=len(class_weights)) / len(labels)
+            loss_weights = np.where(share > 0, class_weights / np.maximum(share, 1e-12), 0.0)
+            loss_weights = loss_weights.tolist()
+    return TrainJob(
+        model=cfg.model.model_dump(mode="json"),
+        train=tc.model_dump(mode="json"),
+        spec=spec,
+        seed=cfg.seed,
+        fingerprint=key,
+        source=source or ScratchModel(),
+        loss=loss or PlainLoss(),
+        sampling_weights=sampling,
+        loss_class_weights=loss_weights,
+        t_range=t_range,
+        local=tc.num_workers == 0,
+        use_gpu=tc.use_gpu if tc.use_gpu is not None else cluster_gpus() > 0,
+    )
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of the train workers: OpenMP threads sleep instead of spinning while idle.
+
+    Spinning (the default) collapses a CPU worker's throughput 10-40x when other processes
+    share its cores (measured on a busy 2-core machine: 2 threads 5-8 img/s spinning, 214-232
+    sleeping); set OMP_WAIT_POLICY in the driver's environment to choose otherwise.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+# -- running it ----------------------------------------------------------------------------
+def fit(
+    cfg: Config,
+    store: RunStore,
+    job: TrainJob,
+    rows: ray.data.Dataset,
+    out: str,
+    callbacks: Sequence[Any] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the TorchTrainer on `rows` as `<run>/_ray/<out>-<key>` (resumed when it exists);
+    returns (final metrics, final checkpoint state). `callbacks`: ray.train UserCallbacks."""
+    from ray.train.torch import TorchTrainer
+
+    from dedt_ray.diffusion.worker import train_loop
+
+    tc = cfg.train
+    run_name = ray_run_name(out, job.fingerprint)
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": job},
+        datasets={"train": rows},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker=resources if tc.num_workers else None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=store.uri(store.path("_ray")),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            worker_runtime_env={"env_vars": worker_env()},
+            callbacks=list(callbacks) or None,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    if job.local:  # the newest in-process checkpoint joins the Ray storage layout
+        dest = store.path("_ray", run_name, f"checkpoint_{state['step']:08d}")
+        store.fs.create_dir(dest, recursive=True)
+        pafs.copy_files(result.checkpoint.path, dest, destination_filesystem=store.fs)
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    return dict(result.metrics or {}), state
+
+
+def ema_model(
+    source: ModelSource | None, cfg: Config, spec: ModelSpec, state: dict[str, Any]
+) -> Any:
+    """The model of a checkpoint `state` (built by its `source`) with its EMA weights."""
+    model = (source or ScratchModel()).build(cfg.model, spec)
+    model.load_state_dict(state["model"])
+    for param, shadow in zip(model.parameters(), state["ema"]["shadow_params"], strict=True):
+        param.data.copy_(shadow)
+    return model
+
+
+def export_model(
+    cfg: Config,
+    store: RunStore,
+    state: dict[str, Any],
+    spec: ModelSpec,
+    classes: list[str] | None,
+    out: str,
+) -> str:
+    """The EMA weights of `state` in diffusers layout at `<run>/<out>/model`."""
+    from dedt_ray.diffusion.export import load_vae, save_export
+
+    info = {
+        **spec.to_dict(),
+        "class_conditional": spec.num_classes > 0,
+        "classes": classes,
+        "steps": state["step"],
+        "images_seen": state["images_seen"],
+        "flops": state["flops_per_step"] * state["step"],
+        "ema_decay": cfg.train.ema_decay,
+    }
+    vae = load_vae(cfg.model.vae) if spec.latent else None
+    dest = store.path(*model_dir(out))
+    unet, scheduler = ema_model(None, cfg, spec, state), build_noise_scheduler(cfg.model)
+    if store.is_local:
+        save_export(dest, unet, scheduler, info, vae)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_export(tmp, unet, scheduler, info, vae)
+            pafs.copy_files(tmp, dest, destination_filesystem=store.fs)
+    return dest
+
+
+def ray_run_name(out: str, key: str) -> str:
+    """The Ray Train run folder of a stage's run while it is in progress: `<run>/_ray/<name>`."""
+    return f"{out}-{key}"
+
+
+def keep_checkpoints(store: RunStore, out: str, key: str) -> None:
+    """Move a finished run's Ray folder to `<run>/<out>/checkpoints`."""
+    run_name = ray_run_name(out, key)
+    src, dst = store.path("_ray", run_name), store.path(out, "checkpoints")
+    if not store.exists("_ray", run_name):
+        return
+    try:
+        store.fs.move(src, dst)
+    except (OSError, NotImplementedError):
+        pafs.copy_files(src, dst, source_filesystem=store.fs, destination_filesystem=store.fs)
+        store.fs.delete_dir(src)
+
+
+def write_history(store: RunStore, history: list[dict[str, Any]], out: str) -> None:
+    """The metrics history as `<run>/<out>/metrics.parquet` (one row per log step)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(history), sink)
+    store.write_bytes(sink.getvalue().to_pybytes(), out, "metrics.parquet")
+
+
+def run_summary(state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields every training stage reports about its run."""
+    steps, wall = state["step"], state["wall"]
+    return {
+        "steps": steps,
+        "images_seen": state["images_seen"],
+        "flops": state["flops_per_step"] * steps,
+        "flops_per_step": state["flops_per_step"],
+        "train_wall_seconds": round(wall, 3),
+        "final_loss": metrics.get("loss"),
+        "resumed_at": state["resumed_at"],
+    }

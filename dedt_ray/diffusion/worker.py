@@ -1,0 +1,381 @@
+"""The per-worker training function of every training stage (Ray Train V2, DDP).
+
+Each worker reads only its shard (`get_dataset_shard`), builds the model from the job's
+`ModelSource` and the loss from its `LossSpec`, resumes from `ray.train.get_checkpoint()` when
+there is one, and runs `core.train_step` on a seeded `IndexStream`. Every worker calls
+`ray.train.report` at the same steps (it is a barrier); rank 0 attaches the checkpoint.
+`ScalingConfig(num_workers=0)` runs the same function in the driver process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+
+from dedt_ray.config import TrainConfig
+from dedt_ray.diffusion.core import (
+    LossConfig,
+    Precision,
+    build_lr_scheduler,
+    build_optimizer,
+    count_step_flops,
+    iterate_micro_batches,
+    train_step,
+)
+from dedt_ray.diffusion.job import TrainJob, TrainLoss, WorkerInfo
+from dedt_ray.diffusion.models import build_noise_scheduler
+from dedt_ray.diffusion.state import load_state, save_state
+from dedt_ray.diffusion.stream import IndexStream
+
+log = logging.getLogger("dedt_ray")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank's noise/timestep/label-dropout generator at one step."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# -- data ----------------------------------------------------------------------------------
+@dataclass
+class Shard:
+    """This worker's rows on its device, the index stream over them, and loss weights."""
+
+    x: torch.Tensor  # uint8 NCHW images or float latents, sorted by id
+    labels: torch.Tensor
+    loss_weights: torch.Tensor | None
+    stream: IndexStream
+    rows_per_rank: list[int]
+    pixels: bool
+
+    def batch(self, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+        x = self.x[torch.from_numpy(idx).to(self.x.device)].to(device, non_blocking=True)
+        return x.float() / 127.5 - 1.0 if self.pixels else x.float()
+
+
+def read_shard(shard: Any, pixels: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+    """This worker's rows (its shard only), sorted by id: x, labels, row weights or None."""
+    ids, labels, xs, weights = [], [], [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids.append(batch["id"].astype(str))
+        labels.append(batch["label"])
+        xs.append(batch["x"])
+        if "weight" in batch:
+            weights.append(batch["weight"])
+    if not ids:
+        raise RuntimeError("this worker's dataset shard is empty (more workers than rows?)")
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    tensor = torch.from_numpy(np.ascontiguousarray(np.concatenate(xs)[order]))
+    if pixels:  # uint8 NHWC kept as is (4x smaller); converted per batch
+        tensor = tensor.permute(0, 3, 1, 2).contiguous()
+    w = np.concatenate(weights)[order] if weights else None
+    return tensor, np.concatenate(labels)[order], w
+
+
+def load_shard(job: TrainJob, rank: int, world: int, device: torch.device, dist: Any) -> Shard:
+    """Read the shard, count rows per rank, and build the stream and the loss weights."""
+    x, labels, row_weights = read_shard(ray.train.get_dataset_shard("train"), job.pixels)
+    rows = [len(labels)]
+    if dist is not None:  # rows per rank, to show (and test) that each worker got only its shard
+        sizes = torch.zeros(world, dtype=torch.long, device=device)
+        sizes[rank] = len(labels)
+        dist.all_reduce(sizes)
+        rows = sizes.tolist()
+    if device.type == "cuda" and x.numel() * x.element_size() <= 2**30:
+        x = x.to(device)  # small datasets live on the GPU
+    class_w = np.asarray(job.sampling_weights) if job.sampling_weights is not None else None
+    loss_w = None
+    if job.loss_class_weights is not None:
+        loss_w = np.asarray(job.loss_class_weights, np.float32)[labels]
+    if row_weights is not None:
+        loss_w = row_weights if loss_w is None else loss_w * row_weights
+    return Shard(
+        x=x,
+        labels=torch.from_numpy(labels).to(device),
+        loss_weights=torch.from_numpy(loss_w).to(device) if loss_w is not None else None,
+        stream=IndexStream(labels, job.seed, rank, class_w),
+        rows_per_rank=rows,
+        pixels=job.pixels,
+    )
+
+
+# -- model and optimisation state ----------------------------------------------------------
+@dataclass
+class Training:
+    """The model and everything a checkpoint restores."""
+
+    unet: torch.nn.Module
+    ema: Any  # diffusers EMAModel on rank 0, else None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    precision: Precision
+    loss: TrainLoss
+    flops_per_step: int
+    step: int = 0
+    images_seen: int = 0
+    wall: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)
+
+
+def build_training(job: TrainJob, shard: Shard, worker: WorkerInfo, rank: int) -> Training:
+    """The model from the job's source, optimizer, schedule, EMA (rank 0) and loss."""
+    from diffusers.training_utils import EMAModel
+
+    tc = job.train_cfg
+    torch.manual_seed(job.seed)
+    unet = job.source.build(job.model_cfg, job.spec).to(worker.device).train()
+    micro = tc.batch_size // worker.world // tc.grad_accum
+    sample = np.arange(micro) % len(shard.labels)
+    labels = shard.labels[torch.from_numpy(sample).to(worker.device)]
+    flops = count_step_flops(
+        unet,
+        build_noise_scheduler(job.model_cfg),
+        shard.batch(sample, worker.device),
+        labels if job.spec.num_classes > 0 else None,
+    )
+    optimizer = build_optimizer(unet, tc.lr, tc.weight_decay)
+    return Training(
+        unet=unet,
+        ema=EMAModel(unet.parameters(), decay=tc.ema_decay) if rank == 0 else None,
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(optimizer, tc.lr_schedule, tc.warmup_steps, tc.steps),
+        precision=Precision(tc.mixed_precision, worker.device.type),
+        loss=job.loss.build(worker),
+        flops_per_step=flops * tc.grad_accum * worker.world,
+    )
+
+
+def state_dict(run: Training, stream: IndexStream, job: TrainJob) -> dict[str, Any]:
+    """The checkpoint: every tensor in safetensors, the rest in JSON (diffusion.state)."""
+    return {
+        "model": run.unet.state_dict(),
+        "ema": run.ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
+        "stream": stream.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "step": run.step,
+        "images_seen": run.images_seen,
+        "wall": run.wall,
+        "flops_per_step": run.flops_per_step,
+        "history": run.history,
+        "resumed_at": run.resumed_at,
+        "fingerprint": job.fingerprint,
+        "loss": run.loss.state_dict(),
+        "spec": job.spec.to_dict(),
+    }
+
+
+def restore(
+    run: Training, stream: IndexStream, job: TrainJob, device: torch.device, rank: int
+) -> None:
+    """Continue from `ray.train.get_checkpoint()` when there is one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    if state["fingerprint"] != job.fingerprint:
+        raise RuntimeError("the checkpoint to resume was written for another config")
+    run.unet.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if run.precision.scaler is not None and state["scaler"]:
+        run.precision.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+        run.ema.to(device)
+    stream.load_state_dict(state["stream"])
+    run.loss.load_state_dict(state["loss"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.step, run.images_seen, run.wall = state["step"], state["images_seen"], state["wall"]
+    run.history, run.resumed_at = state["history"], [*state["resumed_at"], run.step]
+    if rank == 0:
+        log.info("train: resumed at step %d/%d", run.step, job.train_cfg.steps)
+
+
+# -- the loop ------------------------------------------------------------------------------
+@dataclass
+class Window:
+    """Steps since the last report: their summed loss and wall time."""
+
+    loss: torch.Tensor
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function (also runs in-process with num_workers=0)."""
+    import torch.distributed as torch_dist
+
+    job: TrainJob = config["job"]
+    tc = job.train_cfg
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _set_threads(tc, ctx.get_local_world_size(), job.local)
+    device = _device(job)
+    distributed = world > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+    dist = torch_dist if distributed else None
+    shard = load_shard(job, rank, world, device, dist)
+    run = build_training(job, shard, WorkerInfo(device, world, distributed), rank)
+    restore(run, shard.stream, job, device, rank)
+    model = run.unet
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        model = DistributedDataParallel(run.unet, **ddp_kwargs)
+    loss_cfg = LossConfig(
+        label_dropout=job.model_cfg.label_dropout if job.spec.num_classes > 0 else 0.0,
+        null_class=job.spec.null_class,
+        min_snr_gamma=tc.min_snr_gamma,
+        t_range=tuple(job.t_range) if job.t_range else None,
+    )
+    step_fn = Stepper(job, run, shard, model, loss_cfg, rank, world, device)
+    window = Window(torch.zeros((), device=device))
+    local_ckpt: list[str] = []
+    while run.step < tc.steps:
+        _maybe_fail(tc, run.step + 1, rank)
+        window.loss += step_fn()
+        window.steps += 1
+        log_now = run.step % tc.log_every == 0 or run.step == tc.steps
+        save_now = run.step % tc.checkpoint_every == 0 or run.step == tc.steps
+        if log_now or save_now:
+            now = report(job, run, shard, window, log_now, save_now, rank, world, dist, local_ckpt)
+            window = Window(torch.zeros((), device=device), start=now)
+
+
+@dataclass
+class Stepper:
+    """One optimizer step over this rank's share of the global batch."""
+
+    job: TrainJob
+    run: Training
+    shard: Shard
+    model: torch.nn.Module
+    loss_cfg: LossConfig
+    rank: int
+    world: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        tc = self.job.train_cfg
+        self.per_rank = tc.batch_size // self.world
+        self.micro = self.per_rank // tc.grad_accum
+        self.scheduler = build_noise_scheduler(self.job.model_cfg)
+        self.generator = torch.Generator(device=self.device)
+        self.with_labels = self.job.spec.num_classes > 0 or self.job.loss.needs_labels
+
+    def __call__(self) -> torch.Tensor:
+        run, shard, tc = self.run, self.shard, self.job.train_cfg
+        idx = shard.stream.next(self.per_rank)
+        idx_dev = torch.from_numpy(idx).to(self.device)
+        x0 = shard.batch(idx, self.device)
+        y = shard.labels[idx_dev] if self.with_labels else None
+        w = shard.loss_weights[idx_dev] if shard.loss_weights is not None else None
+        self.generator.manual_seed(step_seed(self.job.seed, self.rank, run.step))
+        loss = train_step(
+            self.model, self.scheduler, run.optimizer, run.lr_scheduler,
+            list(iterate_micro_batches(x0, y, w, self.micro)),
+            self.generator, self.loss_cfg, tc.grad_clip, run.precision, loss_fn=run.loss,
+        )  # fmt: skip
+        if run.ema is not None:
+            run.ema.step(run.unet.parameters())
+        run.step += 1
+        run.loss.after_step(run.step)
+        run.images_seen += self.per_rank * self.world
+        return loss
+
+
+def report(
+    job: TrainJob,
+    run: Training,
+    shard: Shard,
+    window: Window,
+    log_now: bool,
+    save_now: bool,
+    rank: int,
+    world: int,
+    dist: Any,
+    local_ckpt: list[str],
+) -> float:
+    """Metrics of the window (+ the checkpoint on rank 0) to `ray.train.report`; returns the
+    time the next window starts from (a window also pays the previous report and checkpoint)."""
+    tc = job.train_cfg
+    if dist is not None:
+        dist.all_reduce(window.loss)
+        window.loss /= world
+    now = time.perf_counter()
+    seconds = now - window.start
+    run.wall += seconds
+    metrics = {
+        "step": run.step,
+        "loss": float(window.loss) / window.steps,
+        "lr": float(run.lr_scheduler.get_last_lr()[0]),
+        "images_per_s": window.steps * tc.batch_size / max(seconds, 1e-9),  # global batch
+        "images_seen": run.images_seen,
+        "flops": run.flops_per_step * run.step,
+        "flops_per_step": run.flops_per_step,
+        "epoch": shard.stream.epoch,
+        "wall": run.wall,
+    }
+    if log_now:
+        run.history.append(dict(metrics))
+        if rank == 0:
+            log.info(
+                "train: step %d/%d loss %.4f lr %.2e %.0f img/s seen %d epoch %.2f",
+                run.step, tc.steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+                run.images_seen, shard.stream.epoch,
+            )  # fmt: skip
+    ckpt = None
+    if save_now and rank == 0:
+        directory = tempfile.mkdtemp(prefix="dedt-ckpt-")
+        save_state(directory, state_dict(run, shard.stream, job))
+        ckpt = ray.train.Checkpoint.from_directory(directory)
+        if job.local:  # nothing uploads it: keep the newest, drop the one before
+            for old in local_ckpt:
+                shutil.rmtree(old, ignore_errors=True)
+            local_ckpt[:] = [directory]
+    ray.train.report(
+        {**metrics, "shard_rows": shard.rows_per_rank},
+        checkpoint=ckpt,
+        checkpoint_dir_name=f"checkpoint_{run.step:08d}" if save_now else None,
+        delete_local_checkpoint_after_upload=(ckpt is not None and not job.local),
+    )
+    return now
+
+
+# -- worker environment --------------------------------------------------------------------
+def _device(job: TrainJob) -> torch.device:
+    if not job.use_gpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if job.local:
+        return torch.device("cuda")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _set_threads(tc: TrainConfig, local_world: int, local: bool) -> None:
+    if tc.threads_per_worker is not None:
+        torch.set_num_threads(tc.threads_per_worker)
+    elif not local:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cpus or 1) // max(1, local_world)))
+
+
+def _maybe_fail(tc: TrainConfig, step: int, rank: int) -> None:
+    """Testing hook: raise once at `train.fail_at_step` while `train.fail_flag` exists."""
+    if tc.fail_at_step == step and rank == 0 and tc.fail_flag and os.path.exists(tc.fail_flag):
+        os.remove(tc.fail_flag)
+        raise RuntimeError(f"injected failure at step {step} (train.fail_flag)")

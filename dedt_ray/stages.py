@@ -1,0 +1,112 @@
+"""The stage table: every stage, the config sections it reads and the stages it reads from.
+
+Declared once, here; the pipeline (`dedt_ray.pipeline`) keys, skips and runs stages from it, the
+report orders its sections by it, and a test runs every stage under a config that records the
+sections it reads, failing when one is read but not declared.
+
+The stage contract: `run(cfg, store, ctx) -> dict` in its own module. It reads the artifacts of
+the upstream stages in `ctx.inputs` (through `dedt_ray.artifacts`), writes its own under
+`<run>/<name>/`, and returns what goes into its `_manifest.json`. No stage imports another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dedt_ray.config import Config
+from dedt_ray.store import RunStore
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage gets besides the config and the run directory."""
+
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> its output_id
+    train_callbacks: tuple[Any, ...] = ()  # ray.train UserCallbacks of the `train` stage's fit
+
+
+StageFn = Callable[[Config, RunStore, StageContext], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function" implementing run(cfg, store, ctx) -> dict
+    sections: tuple[str, ...]  # config sections the stage reads (its output depends on them)
+    inputs: tuple[str, ...] = ()  # upstream stages whose artifacts it needs
+    enabled: Callable[[Config], bool] = lambda cfg: True
+    # upstream stages it reads when the config enables them and they ran (their output then
+    # joins the key and `ctx.inputs`, so a changed upstream output reruns this stage)
+    optional: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
+    always: bool = False  # rerun every time (the report reads every stage)
+
+    def load(self) -> StageFn:
+        module, func = self.target.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+TRAINING = ("seed", "data", "model", "train")  # what every training stage depends on
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("embed", "dedt_ray.embed:run", ("seed", "data", "embed")),
+        Stage(
+            "select",
+            "dedt_ray.selection.stage:run",
+            ("data", "select"),
+            inputs=("embed",),
+            enabled=lambda cfg: cfg.select.enabled,
+        ),
+        Stage(
+            "latents",
+            "dedt_ray.diffusion.latents:run",
+            ("data", "model"),
+            enabled=lambda cfg: cfg.model.latent,
+        ),
+        Stage(
+            "reference",
+            "dedt_ray.reweight.reference:run",
+            (*TRAINING, "reference"),
+            enabled=lambda cfg: cfg.reweight.enabled,
+            optional=lambda cfg: (
+                ("select", "latents")
+                if cfg.reference.data == "subset" and not cfg.reference.pretrained
+                else ("latents",)
+            ),
+        ),
+        Stage(
+            "reweight",
+            "dedt_ray.reweight.stage:run",
+            (*TRAINING, "reweight"),
+            inputs=("reference",),
+            enabled=lambda cfg: cfg.reweight.enabled,
+            optional=lambda cfg: ("select", "latents"),
+        ),
+        Stage(
+            "train",
+            "dedt_ray.diffusion.train:run",
+            TRAINING,
+            optional=lambda cfg: ("select", "reweight", "latents"),
+        ),
+        Stage(
+            "tdc",
+            "dedt_ray.tdc.stage:run",
+            (*TRAINING, "tdc", "evaluate"),  # evaluate: the sampler whose FLOPs it reports
+            inputs=("train",),
+            enabled=lambda cfg: cfg.tdc.enabled,
+            optional=lambda cfg: ("select", "reweight", "latents"),
+        ),
+        Stage(
+            "evaluate",
+            "dedt_ray.evaluate.stage:run",
+            ("data", "evaluate", "tdc"),  # tdc: the routed model is evaluated when enabled
+            inputs=("train",),
+            optional=lambda cfg: ("tdc",) if cfg.tdc.enabled else (),
+        ),
+        Stage("report", "dedt_ray.report:run", ("report",), always=True),
+    ]
+}

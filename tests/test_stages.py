@@ -1,0 +1,85 @@
+"""The stage table holds: every stage reads only the config sections it declares.
+
+One tiny run of every stage (embed -> select -> reference -> reweight -> train -> tdc ->
+evaluate on the routed model -> report) under a config that records which top-level sections
+each stage reads; a section read but not declared in `dedt_ray.stages.STAGES` would let a
+cached manifest survive a change of that section.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from dedt_ray.config import Config, load_config
+from dedt_ray.pipeline import STAGES, run_pipeline
+from dedt_ray.store import RunStore
+
+READS: set[str] = set()
+
+
+class RecordingConfig(Config):
+    """A Config that notes every top-level section read from it (copies share the notes)."""
+
+    def __getattribute__(self, name: str):
+        if name in Config.model_fields:
+            READS.add(name)
+        return super().__getattribute__(name)
+
+
+TINY_PIPELINE = [
+    "data.image_size=8",
+    "data.limit=96",
+    "model.block_out_channels=[16,32]",
+    "model.norm_num_groups=8",
+    "model.attention_head_dim=8",
+    "model.num_train_timesteps=100",
+    "train.steps=4",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.log_every=2",
+    "train.checkpoint_every=4",
+    "train.threads_per_worker=1",
+    "train.num_workers=0",
+    "reference.steps=2",
+    "reweight.steps=2",
+    "tdc.enabled=true",
+    "tdc.rounds=1",
+    "tdc.score_steps=1",
+    "tdc.score_images=16",
+    "tdc.finetune_steps=2",
+    "evaluate.samples_per_class=2",
+    "evaluate.num_inference_steps=2",
+    "evaluate.feature_space=classifier",
+    "evaluate.classifier_epochs=1",
+    "evaluate.classifier_max_images=96",
+    "evaluate.max_real=64",
+    "evaluate.manifold_samples=16",
+]
+
+
+@pytest.mark.slow
+def test_every_stage_reads_only_its_declared_sections(ray_cluster, tmp_path, monkeypatch):
+    read: dict[str, set[str]] = {}
+    for stage in STAGES.values():
+        module_name, func = stage.target.split(":")
+        module = importlib.import_module(module_name)
+        original = getattr(module, func)
+
+        def recording(cfg, store, ctx, _name=stage.name, _run=original):
+            READS.clear()
+            try:
+                return _run(cfg, store, ctx)
+            finally:
+                read[_name] = set(READS)
+
+        monkeypatch.setattr(module, func, recording)
+    cfg = RecordingConfig.model_validate(load_config(None, TINY_PIPELINE).model_dump())
+    done = run_pipeline(cfg, RunStore(str(tmp_path / "run")))
+    assert set(done) == set(read) == set(STAGES) - {"latents"}  # every enabled stage ran
+    assert done["evaluate"]["rows"] > 0 and done["tdc"]["rows"] == 2
+    for name, sections in read.items():
+        undeclared = sections - set(STAGES[name].sections)
+        assert not undeclared, f"stage {name!r} reads undeclared config sections {undeclared}"
+    assert read["tdc"] >= {"evaluate", "tdc", "train"}  # the recorder sees real reads
