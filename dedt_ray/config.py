@@ -91,7 +91,7 @@ class ModelConfig(Section):
     block_out_channels: list[int] = [16, 32, 64]
     layers_per_block: int = Field(1, ge=1)
     attention_levels: list[bool] | None = None  # per block; None: attention in the last one
-    attention_head_dim: int = Field(8, ge=1)
+    attention_head_dim: int | None = Field(8, ge=1)  # None: one head per attention layer
     mid_attention: bool = True  # self-attention in the UNet's middle block
     norm_num_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -134,7 +134,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # used on GPU only
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    # Min-SNR-gamma loss weights (Hang et al., ICCV 2023: gamma 5), None: uniform over t
     min_snr_gamma: float | None = Field(None, gt=0.0)
+    hflip: bool = False  # random horizontal flips of the training images (pixel models)
     class_weighting: Literal["sampling", "loss"] = "sampling"
     num_workers: int = Field(1, ge=0)  # 0: in-process (tests)
     use_gpu: bool | None = None  # None: when the cluster has GPUs
@@ -164,8 +166,10 @@ class ReferenceConfig(Section):
     """The reference DM that DRO reweighting compares against (stage `reference`)."""
 
     pretrained: str | None = None  # diffusers UNet2DModel folder (or one with unet/); None: train
-    data: Literal["subset", "full"] = "subset"  # what a trained reference learns from
-    steps: int | None = Field(None, ge=1)  # None: 3.5% of train.steps
+    # what a trained reference learns from: DoReMi's reference learns the full data with
+    # uniform class weights ("subset": the select stage's rows)
+    data: Literal["subset", "full"] = "full"
+    steps: int | None = Field(None, ge=1)  # None: from reweight.budget (as many as the proxy)
     batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
 
 
@@ -175,7 +179,15 @@ class ReweightConfig(Section):
     enabled: bool = True
     eta: float = Field(1.0, gt=0.0)  # exponentiated-gradient step size
     smoothing: float = Field(1e-3, ge=0.0, lt=1.0)  # mix with uniform: (1 - c) a + c / K
-    steps: int | None = Field(None, ge=1)  # proxy steps; None: 3.5% of train.steps
+    # reference + proxy training FLOPs as a share of the final model's (train.steps); sets
+    # their steps unless reference.steps / reweight.steps are given
+    budget: float = Field(0.08, gt=0.0, le=1.0)
+    # model.* overrides of the small architecture reference and proxy share; None: half the
+    # widths of model.block_out_channels
+    proxy_model: dict[str, Any] | None = None
+    # excess loss of a class before its first batch; None: the zero predictor's loss
+    initial_excess: float | None = Field(None, ge=0.0)
+    steps: int | None = Field(None, ge=1)  # proxy steps; None: from reweight.budget
     batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
 
 
@@ -218,9 +230,16 @@ class TDCConfig(Section):
     llm_api_key_env: str | None = None  # environment variable holding the key
     score_steps: int = Field(20, ge=0)  # fine-tune steps when scoring a candidate
     score_images: int = Field(256, ge=4)  # images for Taylor importance and scoring
-    finetune_steps: int = Field(500, ge=1)  # stage 2 steps per group (train.* otherwise)
+    # the single model's budget (train.steps' FLOPs) is split: stage 1 (the train stage)
+    # trains for this share of train.steps, the search and stage 2 share the rest
+    stage1_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    finetune_steps: int | None = Field(None, ge=1)  # stage 2 steps per group; None: the rest
     finetune_lr: float | None = Field(None, gt=0.0)  # stage 2 peak lr; None: train.lr
     parallel_groups: int | None = Field(None, ge=1)  # stage-2 runs at once; None: what fits
+
+    def stage1_steps(self, train_steps: int) -> int:
+        """Stage 1's share of the single model's `train.steps` (at least 1)."""
+        return max(1, round(train_steps * self.stage1_fraction))
 
     @model_validator(mode="after")
     def _check(self) -> TDCConfig:
@@ -310,6 +329,12 @@ class Config(Section):
     tdc: TDCConfig = TDCConfig()
     tune: TuneConfig = TuneConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _hflip_pixels(self) -> Config:
+        if self.train.hflip and self.model.latent:
+            raise ValueError("train.hflip flips images; it cannot be used with model.latent")
+        return self
 
 
 def hash_json(obj: Any) -> str:

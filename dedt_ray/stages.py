@@ -70,7 +70,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "reference",
             "dedt_ray.reweight.reference:run",
-            (*TRAINING, "reference"),
+            (*TRAINING, "reference", "reweight"),  # reweight: the shared model and budget
             enabled=lambda cfg: cfg.reweight.enabled,
             optional=lambda cfg: (
                 ("select", "latents")
@@ -81,7 +81,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "reweight",
             "dedt_ray.reweight.stage:run",
-            (*TRAINING, "reweight"),
+            (*TRAINING, "reference", "reweight"),  # reference: the planned steps, batch
             inputs=("reference",),
             enabled=lambda cfg: cfg.reweight.enabled,
             optional=lambda cfg: ("select", "latents"),
@@ -89,7 +89,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train",
             "dedt_ray.diffusion.train:run",
-            TRAINING,
+            (*TRAINING, "tdc"),  # tdc: with TDC on, stage 1 trains tdc.stage1_fraction of it
             optional=lambda cfg: ("select", "reweight", "latents"),
         ),
         Stage(

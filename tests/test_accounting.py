@@ -13,13 +13,14 @@ from dedt_ray.diffusion.core import LossConfig, draw_noise
 from dedt_ray.diffusion.export import load_denoiser
 from dedt_ray.diffusion.job import PlainLoss, ScratchModel, hook_key
 from dedt_ray.diffusion.trainer import resume_key
-from dedt_ray.reweight.cost import cost_fraction, dro_cost, train_flops_estimate
+from dedt_ray.reweight.cost import cost_fraction, dro_cost, equal_steps, train_flops_estimate
 from dedt_ray.reweight.dro import DROSpec
 from dedt_ray.tdc.budget import (
     SCORE_BATCH,
     TAYLOR_BATCHES,
     sampling_totals,
     search_flops,
+    stage2_steps,
     training_totals,
 )
 from dedt_ray.tdc.pruning import PrunedModel
@@ -32,6 +33,18 @@ def test_training_totals_against_the_baseline() -> None:
     over = training_totals(stage1=100, search=5, stage2=30, baseline=100)
     assert not over["within_baseline"] and over["ratio_to_baseline"] == pytest.approx(1.35)
     assert training_totals(1, 0, 0, 0)["ratio_to_baseline"] is None
+
+
+def test_stage2_steps_fill_what_the_budget_leaves() -> None:
+    # baseline 1000, stage 1 500, search 60: 440 left for groups of 100 + 60 FLOPs per step
+    assert stage2_steps(1000, 500, 60, [100, 60]) == 2
+    steps = stage2_steps(1000, 500, 60, [100, 60])
+    assert training_totals(500, 60, steps * 160, 1000)["within_baseline"]
+    assert not training_totals(500, 60, (steps + 1) * 160, 1000)["within_baseline"]
+    assert stage2_steps(1000, 900, 200, [100]) == 0  # nothing left
+    assert load_config(None, ["tdc.stage1_fraction=0.3"]).tdc.stage1_steps(1000) == 300
+    with pytest.raises(ValueError):
+        stage2_steps(1000, 0, 0, [0])
 
 
 def test_sampling_totals_ratio() -> None:
@@ -65,6 +78,8 @@ def test_dro_cost_by_hand() -> None:
     estimate = train_flops_estimate(100, 30, train_batch=64, measured_batch=32)
     assert estimate == 6000 and cost_fraction(cost.total, estimate) == pytest.approx(0.23)
     assert cost_fraction(5, 0.0) is None
+    # equal reference and proxy steps: 0.08 x 1e6 FLOPs over 700 FLOPs per (ref + proxy) pair
+    assert equal_steps(0.08, 1e6, 700) == 114 and equal_steps(0.08, 1e3, 700) == 1
 
 
 def test_noise_draw_order_is_t_noise_labels() -> None:

@@ -134,6 +134,24 @@ def timestep_weights(
     return min_snr_weight(snr(scheduler, t), min_snr_gamma, scheduler.config.prediction_type)
 
 
+def zero_prediction_loss(
+    scheduler: DDPMScheduler, min_snr_gamma: float | None = None, x0_second_moment: float = 1.0
+) -> float:
+    """Per-element loss of a model that predicts 0, averaged over uniform t (the diffusion
+    analogue of a uniform predictor's loss): E[eps^2] = 1 for epsilon prediction,
+    E[v^2] = abar_t + (1 - abar_t) E[x0^2] for v-prediction; Min-SNR weights when given."""
+    t = torch.arange(scheduler.config.num_train_timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = torch.ones(len(t), dtype=torch.float64)
+    elif scheduler.config.prediction_type == "v_prediction":
+        abar = scheduler.alphas_cumprod.double()[t]
+        target = abar + (1.0 - abar) * x0_second_moment
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    w_t = timestep_weights(scheduler, t, min_snr_gamma)
+    return float((target if w_t is None else target * w_t.double()).mean())
+
+
 def training_loss(
     model: nn.Module,
     scheduler: DDPMScheduler,

@@ -27,6 +27,7 @@ from dedt_ray.diffusion.trainer import (
     resume_key,
     run_summary,
     training_rows,
+    with_train,
     write_history,
 )
 from dedt_ray.stages import StageContext
@@ -36,9 +37,18 @@ log = logging.getLogger("dedt_ray")
 OUT = "train"
 
 
+def stage_steps(cfg: Config) -> int:
+    """`train.steps`, or with TDC on, stage 1's share of them (`tdc.stage1_fraction`): TDC's
+    stage 1 + search + stage 2 then stay within the single model's budget."""
+    return cfg.tdc.stage1_steps(cfg.train.steps) if cfg.tdc.enabled else cfg.train.steps
+
+
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     """Stage entry point: train on the selected (and reweighted) rows, export, summarise."""
     started = time.time()
+    budget_steps = cfg.train.steps
+    if stage_steps(cfg) != budget_steps:
+        cfg = with_train(cfg, steps=stage_steps(cfg))
     inputs = read_inputs(store, ctx.inputs)
     rows, labels, classes, data = training_rows(cfg, store, inputs)
     class_weights = class_weights_for(inputs.class_weights, labels, classes)
@@ -79,6 +89,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "inputs": inputs.used,
         "class_weights": class_weights.tolist() if class_weights is not None else None,
         "class_weighting": cfg.train.class_weighting,
+        "budget_steps": budget_steps,  # train.steps: the single model's budget (TDC: stage 1)
         "reweight_flops_fraction": search / done["flops"]
         if search and done["flops"] and class_weights is not None
         else None,

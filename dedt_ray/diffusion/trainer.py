@@ -196,6 +196,26 @@ def make_job(
     )
 
 
+def step_flops(model: Any, cfg: Config, spec: ModelSpec) -> int:
+    """FLOPs of one optimizer step of `model` on `train.batch_size` samples: forward +
+    backward counted on one sample and scaled (every counted op is linear in the batch)."""
+    import torch
+
+    from dedt_ray.diffusion.core import count_step_flops
+
+    x = torch.zeros(1, spec.channels, spec.sample_size, spec.sample_size)
+    y = torch.zeros(1, dtype=torch.long) if spec.num_classes > 0 else None
+    per_sample = count_step_flops(model, build_noise_scheduler(cfg.model), x, y)
+    return per_sample * cfg.train.batch_size
+
+
+def with_train(cfg: Config, **train: Any) -> Config:
+    """`cfg` with `train.*` fields replaced (the warmup capped at a tenth of the steps)."""
+    if "steps" in train:
+        train.setdefault("warmup_steps", min(cfg.train.warmup_steps, train["steps"] // 10))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+
+
 def worker_env() -> dict[str, str]:
     """Environment of the train workers: OpenMP threads sleep instead of spinning while idle.
 

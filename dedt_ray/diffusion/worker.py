@@ -281,6 +281,8 @@ class Stepper:
         idx = shard.stream.next(self.per_rank)
         idx_dev = torch.from_numpy(idx).to(self.device)
         x0 = shard.batch(idx, self.device)
+        if tc.hflip:  # from its own seeded draw: the noise draw stays as without flips
+            x0 = random_hflip(x0, step_seed(self.job.seed + 1, self.rank, run.step))
         y = shard.labels[idx_dev] if self.with_labels else None
         w = shard.loss_weights[idx_dev] if shard.loss_weights is not None else None
         self.generator.manual_seed(step_seed(self.job.seed, self.rank, run.step))
@@ -295,6 +297,12 @@ class Stepper:
         run.loss.after_step(run.step)
         run.images_seen += self.per_rank * self.world
         return loss
+
+
+def random_hflip(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image of the NCHW batch flipped left-right with probability 1/2 (seeded)."""
+    flip = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def report(

@@ -105,6 +105,16 @@ def search_flops(base_fwd: int, candidate_flops: list[int | None], n: int, score
     return int(total)
 
 
+def stage2_steps(baseline: float, stage1: float, search: float, group_step_flops: list[int]) -> int:
+    """Stage-2 steps per group (the same for every group) that the single model's budget has
+    left after stage 1 and the search: `floor((baseline - stage1 - search) / sum_g F_g)`;
+    0 when nothing is left."""
+    per_round = sum(group_step_flops)
+    if per_round <= 0:
+        raise ValueError(f"group step FLOPs must be positive, got {group_step_flops}")
+    return max(0, int((baseline - stage1 - search) // per_round))
+
+
 def training_totals(
     stage1: int, search: int, stage2: int, baseline: int
 ) -> dict[str, int | float | bool | None]:

@@ -83,19 +83,56 @@ def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, d
     )
 
 
-def stage2_config(cfg: Config) -> Config:
-    """The train config of a group's fine-tune: ``tdc.finetune_steps`` steps at
-    ``tdc.finetune_lr`` (default ``train.lr``)."""
-    steps = cfg.tdc.finetune_steps
-    train = cfg.train.model_copy(
-        update={
-            "steps": steps,
-            "lr": cfg.tdc.finetune_lr or cfg.train.lr,
-            "warmup_steps": min(cfg.train.warmup_steps, steps // 10),
-            "checkpoint_every": min(cfg.train.checkpoint_every, steps),
-        }
+def stage2_config(cfg: Config, steps: int) -> Config:
+    """The train config of a group's fine-tune: `steps` steps at ``tdc.finetune_lr`` (default
+    ``train.lr``)."""
+    from dedt_ray.diffusion.trainer import with_train
+
+    return with_train(
+        cfg,
+        steps=steps,
+        lr=cfg.tdc.finetune_lr or cfg.train.lr,
+        checkpoint_every=min(cfg.train.checkpoint_every, steps),
     )
-    return cfg.model_copy(update={"train": train})
+
+
+def plan_stage2(
+    cfg: Config, store: RunStore, p: Plan, per_group: list[dict[str, Any]], train: dict[str, Any]
+) -> tuple[int, str]:
+    """Stage-2 steps per group: what the single model's budget (train.steps' FLOPs) leaves
+    after stage 1 and the search, or ``tdc.finetune_steps`` (with a warning when that breaks
+    the budget). Returns (steps, how)."""
+    from dedt_ray.diffusion.trainer import step_flops
+    from dedt_ray.tdc.budget import stage2_steps
+    from dedt_ray.tdc.pruning import PrunedModel
+
+    group_flops = [
+        step_flops(PrunedModel(pruned_dir(store, g)).build(cfg.model, p.spec), cfg, p.spec)
+        for g in range(len(p.groups))
+    ]
+    baseline = cfg.train.steps * train["flops_per_step"]
+    search = sum(r["search_flops"] for r in per_group)
+    fits = stage2_steps(baseline, train["flops"], search, group_flops)
+    if cfg.tdc.finetune_steps is not None:
+        if cfg.tdc.finetune_steps > fits:
+            log.warning(
+                "tdc: tdc.finetune_steps=%d breaks the single model's budget (%d steps per "
+                "group fit after stage 1 and the search)", cfg.tdc.finetune_steps, fits,
+            )  # fmt: skip
+        return cfg.tdc.finetune_steps, "tdc.finetune_steps"
+    if fits < 1:
+        raise RuntimeError(
+            f"tdc: stage 1 ({train['flops']:.3g} FLOPs) and the pruning search ({search:.3g}) "
+            f"leave no budget for stage 2 within train.steps' {baseline:.3g} FLOPs; lower "
+            f"tdc.stage1_fraction ({cfg.tdc.stage1_fraction}) or tdc.rounds, or set "
+            f"tdc.finetune_steps"
+        )
+    return fits, "budget"
+
+
+def pruned_dir(store: RunStore, g: int) -> str:
+    """Where group `g`'s chosen pruned model is saved before stage 2."""
+    return store.local_path(OUT, "pruned", f"group_{g:02d}")
 
 
 def stage2_parallelism(cfg: Config, n_groups: int) -> int:
@@ -187,7 +224,7 @@ def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[di
         n = data.images.shape[0]
         search = search_flops(p.base_fwd, [r.flops for r in history], n, tc.score_steps)
         best = min(r.score for r in history if r.score is not None)
-    save_pruned(pruned, store.local_path(OUT, "pruned", f"group_{g:02d}"))
+    save_pruned(pruned, pruned_dir(store, g))
     pruned_fwd = model_flops(pruned)
     log.info(
         "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
@@ -208,14 +245,15 @@ def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[di
 
 def finetune_all(
     cfg: Config, store: RunStore, ctx: StageContext, p: Plan, rows: Any, labels: Any,
-    class_weights: Any, per_group: list[dict[str, Any]],
+    class_weights: Any, per_group: list[dict[str, Any]], steps: int,
 ) -> tuple[list[torch.nn.Module], int]:  # fmt: skip
-    """Stage 2: each group's pruned model fine-tuned on its timesteps, as many at once as the
-    cluster holds; adds the stage-2 fields to each group's row. (models, runs at once)"""
+    """Stage 2: each group's pruned model fine-tuned on its timesteps for `steps` steps, as
+    many at once as the cluster holds; adds the stage-2 fields to each group's row.
+    (models, runs at once)"""
     from dedt_ray.diffusion.trainer import ema_model, fit, make_job, ray_run_name, resume_key
     from dedt_ray.tdc.pruning import PrunedModel
 
-    cfg2, parallel = stage2_config(cfg), stage2_parallelism(cfg, len(p.groups))
+    cfg2, parallel = stage2_config(cfg, steps), stage2_parallelism(cfg, len(p.groups))
     if parallel > 1 and cfg.train.threads_per_worker is None:  # runs share the node's cores
         threads = max(1, int(cfg.train.cpus_per_worker))
         cfg2 = cfg2.model_copy(
@@ -224,7 +262,7 @@ def finetune_all(
     log.info("tdc: stage 2, %d group fine-tunes, %d at a time", len(p.groups), parallel)
 
     def finetune(g: int) -> torch.nn.Module:
-        source = PrunedModel(store.local_path(OUT, "pruned", f"group_{g:02d}"))
+        source = PrunedModel(pruned_dir(store, g))
         key = resume_key(
             cfg2, ctx.inputs, source, tdc_group=g, t_range=list(p.groups[g]),
             ratios=per_group[g]["ratios"], tdc=cfg.tdc.model_dump(mode="json"),
@@ -286,9 +324,12 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     decided = [decide(cfg, store, p, g, data) for g in range(len(p.groups))]
     per_group = [row for row, _ in decided]
     store.write_json([r for _, rounds in decided for r in rounds], OUT, "rounds.json")
-    models, parallel = finetune_all(cfg, store, ctx, p, rows, labels, class_weights, per_group)
-
     train = inputs.manifests["train"]
+    steps2, rule = plan_stage2(cfg, store, p, per_group, train)
+    log.info("tdc: stage 2, %d steps per group (%s)", steps2, rule)
+    models, parallel = finetune_all(
+        cfg, store, ctx, p, rows, labels, class_weights, per_group, steps2
+    )
     training = training_totals(
         int(train["flops"]),
         sum(r["search_flops"] for r in per_group),
@@ -322,6 +363,8 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "rows": len(p.groups),
         "groups": per_group,
         "stage2_parallel": parallel,
+        "stage2_steps": steps2,
+        "stage2_steps_rule": rule,  # "budget": what train.steps' FLOPs leave; or explicit
         "base_flops_per_image": p.base_fwd,
         "training_flops": training,
         "sampling_flops": sampling,
