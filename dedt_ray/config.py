@@ -191,6 +191,21 @@ class ReweightConfig(Section):
     batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
 
 
+class ExtraSpace(Section):
+    """A further feature space for the distances (`evaluate.extra_spaces`), from local weights.
+
+    Its distances are named for it, `FD_<name>` and `KD_<name>_mean/std`, never FID/KID.
+    """
+
+    encoder: Literal["clip", "dinov2", "vit"]
+    model: str  # a local folder or a Hugging Face hub-cache name; never downloaded
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # None: the encoder
+
+    @property
+    def label(self) -> str:
+        return self.name or self.encoder
+
+
 class EvaluateConfig(Section):
     """Sampling the trained model and measuring it against the real images (stage `evaluate`)."""
 
@@ -204,13 +219,28 @@ class EvaluateConfig(Section):
     classifier_epochs: int = Field(10, ge=1)
     classifier_max_images: int = Field(50_000, ge=10)
     max_real: int | None = Field(None, ge=2)  # real images measured (None: the whole source)
-    manifold_samples: int = Field(10_000, ge=2)  # per side, for precision/recall/density/coverage
-    nearest_k: int = Field(5, ge=1)
+    manifold_samples: int = Field(10_000, ge=2)  # per side: k-NN metrics and KID use these
+    nearest_k: int = Field(3, ge=1)  # precision/recall (Kynkaanniemi et al. 2019: k = 3)
+    coverage_k: int = Field(5, ge=1)  # density/coverage (Naeem et al. 2020: k = 5)
+    kid_subsets: int = Field(100, ge=1)  # KID: mean/std over this many random subsets
+    kid_subset_size: int = Field(1000, ge=2)  # rows per side per subset (fewer if fewer samples)
+    extra_spaces: list[ExtraSpace] = []  # further Frechet/kernel distances (FD_<name>)
     batch_size: int = Field(256, ge=1)  # images per sampling call (one share) / feature batch
     actors: int = Field(1, ge=1)
     gpus_per_actor: float | None = Field(None, ge=0.0, le=8.0)  # None: 1 if the cluster has GPUs
     grid_columns: int = Field(10, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_spaces(self) -> EvaluateConfig:
+        labels = [space.label for space in self.extra_spaces]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"evaluate.extra_spaces: names must be unique, {', '.join(repeated)} repeats "
+                "(give each entry a distinct `name`)"
+            )
+        return self
 
 
 class TDCConfig(Section):
