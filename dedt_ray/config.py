@@ -121,10 +121,22 @@ class ModelConfig(Section):
         return self
 
 
+class InfoBatchConfig(Section):
+    """InfoBatch's soft pruning of each epoch (Qin et al., ICLR 2024; docs/train.md)."""
+
+    enabled: bool = False
+    ratio: float = Field(0.5, ge=0.0, lt=1.0)  # share of the low-loss samples dropped per epoch
+    anneal: float = Field(0.875, gt=0.0, le=1.0)  # prune in the first `anneal` of the epochs
+
+
 class TrainConfig(Section):
     """How a diffusion model is trained (Ray Train, DDP)."""
 
-    steps: int = Field(1000, ge=1)  # optimizer steps
+    steps: int = Field(1000, ge=1)  # optimizer steps (unless train.epochs is set)
+    # the budget in passes over the training rows instead of steps: ceil(epochs x rows /
+    # batch_size) steps without InfoBatch, fewer with it (a pruned epoch is shorter)
+    epochs: float | None = Field(None, gt=0.0)
+    infobatch: InfoBatchConfig = InfoBatchConfig()
     batch_size: int = Field(64, ge=1)  # global batch per optimizer step
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -146,6 +158,15 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(100, ge=1)
+    # quality along training (docs/train.md): every eval_every steps the EMA model is sampled
+    # (eval_samples, DDIM eval_steps) and scored against the real images by a Ray actor
+    eval_every: int | None = Field(None, ge=1)
+    eval_samples: int = Field(200, ge=4)
+    eval_steps: int = Field(20, ge=1)
+    # "converged": stop when the metric has not improved by more than its noise for
+    # `patience` evaluations (train.steps is then the ceiling); "steps": train.steps
+    until: Literal["steps", "converged"] = "steps"
+    patience: int = Field(3, ge=1)
     fail_at_step: int | None = Field(None, ge=1)  # testing: raise once at this step if ...
     fail_flag: str | None = None  # ... this file exists (it is removed first)
 
@@ -157,6 +178,12 @@ class TrainConfig(Section):
                 f"train.batch_size={self.batch_size} must be a multiple of "
                 f"max(1, train.num_workers) * train.grad_accum = {per_step}"
             )
+        if self.infobatch.enabled and self.epochs is None:
+            raise ValueError(
+                "train.infobatch needs train.epochs: its saving is fewer steps per epoch"
+            )
+        if self.until == "converged" and self.eval_every is None:
+            raise ValueError("train.until=converged needs train.eval_every (the curve it reads)")
         if (self.fail_at_step is None) != (self.fail_flag is None):
             raise ValueError("train.fail_at_step and train.fail_flag are set together")
         return self

@@ -26,6 +26,9 @@ class StageContext:
 
     inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> its output_id
     train_callbacks: tuple[Any, ...] = ()  # ray.train UserCallbacks of the `train` stage's fit
+    # starts the actor that scores a training run's curve (train.eval_every); the pipeline
+    # passes `dedt_ray.evaluate.scorer.make_scorer`
+    curve_scorer: Callable[..., Any] | None = None
 
 
 StageFn = Callable[[Config, RunStore, StageContext], dict[str, Any]]
@@ -41,6 +44,8 @@ class Stage:
     # upstream stages it reads when the config enables them and they ran (their output then
     # joins the key and `ctx.inputs`, so a changed upstream output reruns this stage)
     optional: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
+    # config sections it reads only in some configs (then they join its key)
+    extra_sections: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     always: bool = False  # rerun every time (the report reads every stage)
 
     def load(self) -> StageFn:
@@ -49,6 +54,12 @@ class Stage:
 
 
 TRAINING = ("seed", "data", "model", "train")  # what every training stage depends on
+
+
+def curve_sections(cfg: Config) -> tuple[str, ...]:
+    """A curve along training (train.eval_every) is measured as the evaluate stage measures."""
+    return ("evaluate",) if cfg.train.eval_every else ()
+
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -91,6 +102,7 @@ STAGES: dict[str, Stage] = {
             "dedt_ray.diffusion.train:run",
             (*TRAINING, "tdc"),  # tdc: with TDC on, stage 1 trains tdc.stage1_fraction of it
             optional=lambda cfg: ("select", "reweight", "latents"),
+            extra_sections=curve_sections,
         ),
         Stage(
             "tdc",
@@ -103,7 +115,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "dedt_ray.evaluate.stage:run",
-            ("data", "evaluate", "tdc"),  # tdc: the routed model is evaluated when enabled
+            # tdc: the routed model is evaluated when enabled; embed + select: the warning
+            # when the selection encoder is the metric's network
+            ("data", "evaluate", "tdc", "embed", "select"),
             inputs=("train",),
             optional=lambda cfg: ("tdc",) if cfg.tdc.enabled else (),
         ),

@@ -152,6 +152,21 @@ def zero_prediction_loss(
     return float((target if w_t is None else target * w_t.double()).mean())
 
 
+def training_losses(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator | None,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """Per-sample losses [B] of one micro-batch: draw t and noise, drop labels, Min-SNR."""
+    draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
+    per_sample = denoising_loss(model, scheduler, x0, draw.cond, draw.t, draw.noise)
+    w_t = timestep_weights(scheduler, draw.t, cfg.min_snr_gamma)
+    return per_sample if w_t is None else per_sample * w_t
+
+
 def training_loss(
     model: nn.Module,
     scheduler: DDPMScheduler,
@@ -161,12 +176,8 @@ def training_loss(
     generator: torch.Generator | None,
     cfg: LossConfig,
 ) -> torch.Tensor:
-    """Scalar loss of one micro-batch: draw t and noise, drop labels, weight, average."""
-    draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
-    per_sample = denoising_loss(model, scheduler, x0, draw.cond, draw.t, draw.noise)
-    w_t = timestep_weights(scheduler, draw.t, cfg.min_snr_gamma)
-    if w_t is not None:
-        per_sample = per_sample * w_t
+    """Scalar loss of one micro-batch: `training_losses`, times the sample weights, averaged."""
+    per_sample = training_losses(model, scheduler, x0, labels, generator, cfg)
     if sample_weights is not None:
         per_sample = per_sample * sample_weights
     return per_sample.mean()

@@ -53,6 +53,10 @@ def stage_train_config(cfg: Config, which: Which, steps: int) -> TrainConfig:
         batch_size=batch,
         warmup_steps=min(cfg.train.warmup_steps, steps // 10),
         log_every=max(1, min(cfg.train.log_every, steps // 20)),  # a curve to judge it by
+        epochs=None,  # the reference and proxy run for their planned steps
+        infobatch={"enabled": False},
+        eval_every=None,
+        until="steps",
         class_weighting="sampling",
     )
     try:

@@ -22,6 +22,8 @@ once (default: as many as the free CPUs / GPUs hold; one at a time with
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -83,14 +85,16 @@ def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, d
     )
 
 
-def stage2_config(cfg: Config, steps: int) -> Config:
+def stage2_config(cfg: Config, steps: int, rows: int) -> Config:
     """The train config of a group's fine-tune: `steps` steps at ``tdc.finetune_lr`` (default
-    ``train.lr``)."""
+    ``train.lr``); with InfoBatch, the epochs those steps make over `rows`."""
     from dedt_ray.diffusion.trainer import with_train
 
+    tc = cfg.train
     return with_train(
         cfg,
         steps=steps,
+        epochs=steps * tc.batch_size / rows if tc.infobatch.enabled else None,
         lr=cfg.tdc.finetune_lr or cfg.train.lr,
         checkpoint_every=min(cfg.train.checkpoint_every, steps),
     )
@@ -110,7 +114,7 @@ def plan_stage2(
         step_flops(PrunedModel(pruned_dir(store, g)).build(cfg.model, p.spec), cfg, p.spec)
         for g in range(len(p.groups))
     ]
-    baseline = cfg.train.steps * train["flops_per_step"]
+    baseline = train.get("budget_steps", cfg.train.steps) * train["flops_per_step"]
     search = sum(r["search_flops"] for r in per_group)
     fits = stage2_steps(baseline, train["flops"], search, group_flops)
     if cfg.tdc.finetune_steps is not None:
@@ -245,7 +249,7 @@ def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[di
 
 def finetune_all(
     cfg: Config, store: RunStore, ctx: StageContext, p: Plan, rows: Any, labels: Any,
-    class_weights: Any, per_group: list[dict[str, Any]], steps: int,
+    class_weights: Any, per_group: list[dict[str, Any]], steps: int, curve: Any = None,
 ) -> tuple[list[torch.nn.Module], int]:  # fmt: skip
     """Stage 2: each group's pruned model fine-tuned on its timesteps for `steps` steps, as
     many at once as the cluster holds; adds the stage-2 fields to each group's row.
@@ -253,7 +257,7 @@ def finetune_all(
     from dedt_ray.diffusion.trainer import ema_model, fit, make_job, ray_run_name, resume_key
     from dedt_ray.tdc.pruning import PrunedModel
 
-    cfg2, parallel = stage2_config(cfg, steps), stage2_parallelism(cfg, len(p.groups))
+    cfg2, parallel = stage2_config(cfg, steps, len(labels)), stage2_parallelism(cfg, len(p.groups))
     if parallel > 1 and cfg.train.threads_per_worker is None:  # runs share the node's cores
         threads = max(1, int(cfg.train.cpus_per_worker))
         cfg2 = cfg2.model_copy(
@@ -268,13 +272,17 @@ def finetune_all(
             ratios=per_group[g]["ratios"], tdc=cfg.tdc.model_dump(mode="json"),
         )  # fmt: skip
         t0 = time.time()
-        job = make_job(cfg2, p.spec, labels, class_weights, key, source, t_range=p.groups[g])
+        hook = dataclasses.replace(curve, key=g) if curve is not None else None
+        job = make_job(
+            cfg2, p.spec, labels, class_weights, key, source, t_range=p.groups[g], curve=hook
+        )
         metrics, state = fit(cfg2, store, job, rows, f"{OUT}-g{g}")
         ray_dir = ("_ray", ray_run_name(f"{OUT}-g{g}", key))
         if store.exists(*ray_dir):
             store.fs.delete_dir(store.path(*ray_dir))
         per_group[g].update(
             stage2_steps=state["step"],
+            curve_steps=state.get("curve_steps") or [],
             stage2_flops=int(state["flops_per_step"] * state["step"]),
             stage2_loss=metrics.get("loss"),
             stage2_started=t0,
@@ -285,6 +293,27 @@ def finetune_all(
     with ThreadPoolExecutor(parallel, thread_name_prefix="tdc-stage2") as pool:
         models = list(pool.map(finetune, range(len(p.groups))))  # Train V2 fit runs in threads
     return models, parallel
+
+
+def training_offset(train: dict[str, Any], per_group: list[dict[str, Any]]) -> float:
+    """What stage 2's curve starts from: stage 1's FLOPs plus the pruning search."""
+    return float(train["flops"]) + sum(r["search_flops"] for r in per_group)
+
+
+def start_curve(cfg: Config, store: RunStore, ctx: StageContext, p: Plan, offset: float) -> Any:
+    """Stage 2's curve (train.eval_every): the routed model, scored once every group has
+    reached a step, at stage 1 + search + every group's FLOPs so far."""
+    from dedt_ray.diffusion.job import CurveHook
+    from dedt_ray.tdc.routing import RoutedUNet
+
+    if cfg.train.eval_every is None or ctx.curve_scorer is None:
+        return None
+    classes = list(range(p.spec.num_classes)) if p.spec.num_classes > 0 else None
+    scorer = ctx.curve_scorer(
+        cfg, store, p.spec.to_dict(), classes, f"{OUT}-stage2", parts=len(p.groups),
+        assemble=functools.partial(RoutedUNet, groups=p.groups),
+    )  # fmt: skip
+    return CurveHook(scorer, cfg.train.eval_every, flops_offset=offset)
 
 
 def export_routed(
@@ -310,7 +339,7 @@ def export_routed(
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     """Stage entry point (see the module docstring)."""
     from dedt_ray.diffusion.models import sampling_scheduler
-    from dedt_ray.diffusion.trainer import training_rows
+    from dedt_ray.diffusion.trainer import finish_curve, training_rows
     from dedt_ray.tdc.budget import sampling_totals, training_totals
     from dedt_ray.tdc.routing import RoutedUNet, sampling_flops
 
@@ -327,14 +356,18 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     train = inputs.manifests["train"]
     steps2, rule = plan_stage2(cfg, store, p, per_group, train)
     log.info("tdc: stage 2, %d steps per group (%s)", steps2, rule)
+    curve = start_curve(cfg, store, ctx, p, training_offset(train, per_group))
     models, parallel = finetune_all(
-        cfg, store, ctx, p, rows, labels, class_weights, per_group, steps2
+        cfg, store, ctx, p, rows, labels, class_weights, per_group, steps2, curve
     )
+    curve_info = finish_curve(store, curve, OUT, per_group[0].pop("curve_steps", []))
+    for row in per_group[1:]:
+        row.pop("curve_steps", None)
     training = training_totals(
         int(train["flops"]),
         sum(r["search_flops"] for r in per_group),
         sum(r["stage2_flops"] for r in per_group),
-        int(cfg.train.steps * train["flops_per_step"]),
+        int(train.get("budget_steps", cfg.train.steps) * train["flops_per_step"]),
     )
     dest = export_routed(
         cfg, store, p, models, training["total_flops"], sum(r["stage2_steps"] for r in per_group)
@@ -369,6 +402,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "training_flops": training,
         "sampling_flops": sampling,
         "proxy": tc.proxy,
+        "curve": curve_info,
         "model": store.uri(dest),
         "seconds_total": round(time.time() - started, 3),
         "summary": summary,
