@@ -2,14 +2,17 @@
 
 Stage 1 is the `train` stage's exported (EMA) model, trained on all timesteps. The stage then
 groups the timesteps by SNR, gives each group a FLOPs budget, decides each group's pruning with
-a proxy (Optuna study in ``<run>/tdc/proxy-<g>.db``, or an LLM) scored by a short fine-tune on
-the group's timesteps, and fine-tunes each group's pruned model on its timesteps only (stage 2,
+a proxy (Optuna study, or an LLM) scored by a short fine-tune on the group's timesteps, and
+fine-tunes each group's pruned model on its timesteps only (stage 2,
 Ray Train ``fit`` with ``t_range`` and the pruned model as ``init_unet``). Outputs:
 
 - ``<run>/tdc/model/``: the routed export (``save_routed`` folders + ``routing.json``, plus
   ``scheduler/`` and ``dedt_model.json``, so ``load_export`` returns a ``RoutedUNet``);
 - ``<run>/tdc/rounds.json``: every proxy round (group, round, proposer, ratios, FLOPs, score);
 - ``<run>/tdc/pruned/group_<g>``: the chosen pruned models before stage 2;
+- ``<run>/_tdc_proxy/g<g>-<key>.db``: each group's memory bank (the Optuna study), outside the
+  stage folder so that a rerun continues it; ``key`` is what the scores depend on (the base
+  model's output id, the group, its budget, the Taylor and scoring settings);
 - the manifest: groups, budgets, training FLOPs (stage 1 + search + stage 2) next to the
   single-model baseline's, and sampling FLOPs per image next to the single model's.
 
@@ -37,7 +40,8 @@ from dedt_ray.store import RunStore
 log = logging.getLogger("dedt_ray")
 
 OUT = "tdc"
-TAYLOR_BATCHES, SCORE_BATCH = 4, 16  # UNetPruner.from_denoising / denoising_score defaults
+SCORE_BATCH = 16  # denoising_score's fine-tune batch
+BANK = "_tdc_proxy"  # the groups' memory banks; not a stage folder, so no stage clears it
 
 
 def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -> Any:
@@ -62,19 +66,16 @@ def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -
     return Batch(images.contiguous(), labels)
 
 
-def search_flops(base_fwd: int, history: list[Any], n: int, score_steps: int) -> int:
-    """Training-equivalent FLOPs of one group's pruning search: Taylor importance on the base
-    model plus, per scored candidate, its fine-tune and held-out evaluation (a forward +
-    backward pass counted as 3 forward passes)."""
-    n_held = max(1, n // 4)
-    n_train = n - n_held
-    total = 3 * base_fwd * TAYLOR_BATCHES * min(SCORE_BATCH, n)
-    for record in history:
-        if record.flops is None:
-            continue
-        total += 3 * record.flops * score_steps * min(SCORE_BATCH, n_train)
-        total += record.flops * n_held
-    return int(total)
+def proxy_bank(cfg: Config, store: RunStore, g: int, depends_on: dict[str, Any]) -> str:
+    """Group ``g``'s memory bank, ``<run>/_tdc_proxy/g<g>-<key>.db`` with ``key`` the hash of
+    ``depends_on``; deleted first when ``tdc.resume_search`` is false."""
+    from dedt_ray.config import hash_json
+
+    path = store.local_path(BANK, f"g{g}-{hash_json(depends_on)[:16]}.db")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cfg.tdc.resume_search and os.path.exists(path):
+        os.remove(path)
+    return path
 
 
 def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, db: str) -> Any:
@@ -82,7 +83,9 @@ def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, d
     from dedt_ray.tdc.proxy import LLMProxy, OptunaProxy
     from dedt_ray.tdc.pruning import architecture_table
 
-    optuna_proxy = OptunaProxy(pruner.blocks, storage_path=db, seed=cfg.seed + group["group"])
+    optuna_proxy = OptunaProxy(
+        pruner.blocks, db, seed=cfg.seed + group["group"], n_startup_trials=cfg.tdc.startup_rounds
+    )
     if cfg.tdc.proxy == "optuna":
         return optuna_proxy
     return LLMProxy(
@@ -154,9 +157,9 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         resume_key,
         training_rows,
     )
-    from dedt_ray.tdc.budget import group_budgets, model_flops
+    from dedt_ray.tdc.budget import group_budgets, model_flops, search_flops
     from dedt_ray.tdc.grouping import describe_groups, group_timesteps
-    from dedt_ray.tdc.proxy import decide_group, denoising_score
+    from dedt_ray.tdc.proxy import decide_group, denoising_score, search_images
     from dedt_ray.tdc.pruning import UNetPruner, save_pruned
     from dedt_ray.tdc.routing import RoutedUNet, sampling_flops, save_routed, scheduler_config
 
@@ -187,8 +190,16 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     if inputs.class_weights is not None:
         num_classes = spec.num_classes or int(labels.max()) + 1
         class_weights = read_class_weights(inputs.class_weights, num_classes)
-    data = score_batch(rows, tc.score_images, cfg.seed, not spec.latent, conditional)
+    wanted = max(tc.taylor_images, tc.score_images) + tc.score_heldout
+    data = score_batch(rows, wanted, cfg.seed, not spec.latent, conditional)
     n = data.images.shape[0]
+    n_taylor, n_tune, n_held = search_images(n, tc.taylor_images, tc.score_images, tc.score_heldout)
+    if n < wanted:
+        log.warning(
+            "tdc: %d training images for %d wanted; the search uses %d for Taylor, "
+            "%d to fine-tune, %d held out", n, wanted, n_taylor, n_tune, n_held,
+        )  # fmt: skip
+    heldout = data.take(slice(n - n_held, n))
 
     # -- per group: proxy-based pruning decision (in the driver) ---------------------------
     cfg2 = stage2_config(cfg)
@@ -199,30 +210,45 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         t0 = time.time()
         if budgets[g] >= base_fwd:  # the full-size group: the base model, nothing to search
             ratios, pruned, history, search, best_score = {}, copy.deepcopy(base), [], 0, None
+            reused = pairs = 0
         else:
             pruner = UNetPruner.from_denoising(
-                base, noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
-            )
-            db = store.local_path(OUT, f"proxy-{g}.db")
+                base, noise_scheduler, data.take(slice(0, n_taylor)), (lo, hi),
+                tc.taylor_timesteps, seed=cfg.seed, threshold=tc.taylor_threshold,
+            )  # fmt: skip
+            pairs = pruner.taylor_pairs
+            depends_on = {
+                "train": train_manifest["output_id"], "inputs": inputs.used, "seed": cfg.seed,
+                "t_range": [lo, hi], "budget": int(budgets[g]), "lr": cfg.train.lr,
+                "search": [n_taylor, n_tune, n_held, tc.taylor_timesteps, tc.taylor_threshold,
+                           tc.score_steps],
+            }  # fmt: skip
+            db = proxy_bank(cfg, store, g, depends_on)
             proxy = make_proxy(cfg, pruner, described[g], budgets[g], db)
+            reused = min(len(proxy.memory_bank()), tc.rounds)
 
             def score(model: torch.nn.Module, t_range: tuple[int, int] = (lo, hi)) -> float:
                 return denoising_score(
-                    model, noise_scheduler, data, t_range, tc.score_steps, cfg.train.lr * 0.1,
-                    cfg.seed, batch_size=SCORE_BATCH,
+                    model, noise_scheduler, data.take(slice(0, n_tune)), t_range,
+                    tc.score_steps, cfg.train.lr * 0.1, cfg.seed, heldout, SCORE_BATCH,
                 )  # fmt: skip
 
             ratios, pruned, history = decide_group(
                 base, (lo, hi), budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
             )
-            search = search_flops(base_fwd, history, n, tc.score_steps)
+            search = search_flops(
+                base_fwd, pairs, [r.flops for r in history], tc.score_steps,
+                min(SCORE_BATCH, n_tune), n_held,
+            )  # fmt: skip
             best_score = min(r.score for r in history if r.score is not None)
         rounds += [{"group": g, **r.to_dict()} for r in history]
         save_pruned(pruned, store.local_path(OUT, "pruned", f"group_{g:02d}"))
         pruned_fwd = model_flops(pruned)
         log.info(
-            "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
-            g, lo, hi, len(history), best_score, 100 * pruned_fwd / base_fwd,
+            "tdc: group %d [%d, %d): %d rounds (%d from the memory bank), best score %s at "
+            "%.1f%% of the base FLOPs; search %.3g FLOPs in %.1f s",
+            g, lo, hi, len(history), reused, best_score, 100 * pruned_fwd / base_fwd, search,
+            time.time() - t0,
         )  # fmt: skip
         per_group.append(
             {
@@ -232,6 +258,9 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
                 "flops_fraction": pruned_fwd / base_fwd,
                 "best_score": best_score,
                 "rounds": len(history),
+                "rounds_reused": reused,
+                "taylor_pairs": pairs,
+                "search_images": {"taylor": n_taylor, "finetune": n_tune, "heldout": n_held},
                 "search_flops": search,
                 "search_seconds": round(time.time() - t0, 3),
             }
