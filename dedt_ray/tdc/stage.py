@@ -3,12 +3,13 @@
 Stage 1 is the `train` stage's exported (EMA) model, trained on all timesteps. The stage then
 groups the timesteps by SNR, gives each group a FLOPs budget, decides each group's pruning with
 a proxy (Optuna study, or an LLM) scored by a short fine-tune on the group's timesteps, and
-fine-tunes each group's pruned model on its timesteps only (stage 2,
-Ray Train ``fit`` with ``t_range`` and the pruned model as ``init_unet``). Outputs:
+fine-tunes each group's pruned model on its timesteps only (stage 2, Ray Train ``fit`` with
+``t_range`` and the pruned model as ``init_unet``). Outputs:
 
 - ``<run>/tdc/model/``: the routed export (``save_routed`` folders + ``routing.json``, plus
   ``scheduler/`` and ``dedt_model.json``, so ``load_export`` returns a ``RoutedUNet``);
-- ``<run>/tdc/rounds.json``: every proxy round (group, round, proposer, ratios, FLOPs, score);
+- ``<run>/tdc/rounds.json``: every proxy round the decisions used (group, round, proposer,
+  ratios, FLOPs, score), memory-bank rounds included;
 - ``<run>/tdc/pruned/group_<g>``: the chosen pruned models before stage 2;
 - ``<run>/_tdc_proxy/g<g>-<key>.db``: each group's memory bank (the Optuna study), outside the
   stage folder so that a rerun continues it; ``key`` is what the scores depend on (the base
