@@ -281,12 +281,18 @@ class TDCConfig(Section):
     k: float = Field(0.5, gt=0.0, le=1.0)  # smallest group's relative FLOPs
     smallest: Literal["noisiest", "cleanest"] = "noisiest"
     proxy: Literal["optuna", "llm"] = "optuna"
-    rounds: int = Field(4, ge=1)  # proxy rounds per group
+    rounds: int = Field(8, ge=1)  # proxy rounds per group (memory bank rounds included)
+    startup_rounds: int = Field(2, ge=0)  # random Optuna rounds before TPE (>= rounds: random)
+    resume_search: bool = True  # continue the group's memory bank of an earlier run
     llm_base_url: str | None = None  # OpenAI-compatible endpoint (proxy=llm)
     llm_model: str | None = None
     llm_api_key_env: str | None = None  # environment variable holding the key
+    taylor_images: int = Field(64, ge=1)  # images for Taylor importance
+    taylor_timesteps: int = Field(16, ge=1)  # timesteps spread over the group, per image
+    taylor_threshold: float = Field(0.0, ge=0.0, lt=1.0)  # Diff-Pruning's thr; 0: whole group
     score_steps: int = Field(20, ge=0)  # fine-tune steps when scoring a candidate
-    score_images: int = Field(256, ge=4)  # images for Taylor importance and scoring
+    score_images: int = Field(256, ge=1)  # images for a candidate's fine-tune
+    score_heldout: int = Field(256, ge=1)  # held-out images for a candidate's score
     # the single model's budget (train.steps' FLOPs) is split: stage 1 (the train stage)
     # trains for this share of train.steps, the search and stage 2 share the rest
     stage1_fraction: float = Field(0.5, gt=0.0, lt=1.0)

@@ -16,8 +16,6 @@ from dedt_ray.diffusion.trainer import resume_key
 from dedt_ray.reweight.cost import cost_fraction, dro_cost, equal_steps, train_flops_estimate
 from dedt_ray.reweight.dro import DROSpec
 from dedt_ray.tdc.budget import (
-    SCORE_BATCH,
-    TAYLOR_BATCHES,
     sampling_totals,
     search_flops,
     stage2_steps,
@@ -53,12 +51,13 @@ def test_sampling_totals_ratio() -> None:
 
 
 def test_search_flops_by_hand() -> None:
-    # 20 images: 5 held out, 15 fine-tuned on; batch min(16, 15) = 15; one failed round
-    base, cands, steps = 1000, [400, None, 600], 3
-    taylor = 3 * base * TAYLOR_BATCHES * min(SCORE_BATCH, 20)
-    scored = sum(3 * f * steps * 15 + f * 5 for f in (400, 600))
-    assert search_flops(base, cands, 20, steps) == taylor + scored
-    assert search_flops(base, [], 20, steps) == taylor
+    # 64 Taylor (image, t) pairs; candidates fine-tuned 3 steps of 16 images, 20 held out;
+    # the failed round (None) ran nothing
+    base, cands = 1000, [400, None, 600]
+    taylor = 3 * base * 64
+    scored = sum(3 * f * 3 * 16 + f * 20 for f in (400, 600))
+    assert search_flops(base, 64, cands, 3, 16, 20) == taylor + scored
+    assert search_flops(base, 64, [], 3, 16, 20) == taylor
 
 
 def test_dro_cost_by_hand() -> None:

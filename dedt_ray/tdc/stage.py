@@ -2,14 +2,18 @@
 
 Stage 1 is the `train` stage's exported (EMA) model, trained on all timesteps. The stage then
 groups the timesteps by SNR, gives each group a FLOPs budget, decides each group's pruning with
-a proxy (Optuna study in ``<run>/tdc/proxy-<g>.db``, or an LLM) scored by a short fine-tune on
-the group's timesteps, and fine-tunes each group's pruned model on its timesteps only (stage 2:
-the trainer library's ``fit`` with ``t_range`` and a ``PrunedModel`` source). Outputs:
+a proxy (an Optuna study, or an LLM) scored by a short fine-tune on the group's timesteps, and
+fine-tunes each group's pruned model on its timesteps only (stage 2: the trainer library's
+``fit`` with ``t_range`` and a ``PrunedModel`` source). Outputs:
 
 - ``<run>/tdc/model/``: the routed export (``save_export`` layout; ``unet/`` is a
   ``RoutedUNet`` folder, which ``load_export`` finds through model_index.json);
-- ``<run>/tdc/rounds.json``: every proxy round (group, round, proposer, ratios, FLOPs, score);
+- ``<run>/tdc/rounds.json``: every proxy round the decisions used (group, round, proposer,
+  ratios, FLOPs, score), memory-bank rounds included;
 - ``<run>/tdc/pruned/group_<g>``: the chosen pruned models before stage 2;
+- ``<run>/_tdc_proxy/g<g>-<key>.db``: each group's memory bank (the Optuna study), outside the
+  stage folder so that a rerun continues it; ``key`` is what the scores depend on (the base
+  model's output id, the group, its budget, the Taylor and scoring settings);
 - the manifest: groups, budgets, training FLOPs (stage 1 + search + stage 2) next to the
   single-model baseline's, and sampling FLOPs per image next to the single model's.
 
@@ -25,6 +29,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +47,8 @@ log = logging.getLogger("dedt_ray")
 
 OUT = "tdc"
 BASE = model_dir("train")
+SCORE_BATCH = 16  # denoising_score's fine-tune batch
+BANK = "_tdc_proxy"  # the groups' memory banks; not a stage folder, so no stage clears it
 
 
 def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -> Any:
@@ -66,12 +73,26 @@ def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -
     return Batch(images.contiguous(), labels)
 
 
+def proxy_bank(cfg: Config, store: RunStore, g: int, depends_on: dict[str, Any]) -> str:
+    """Group ``g``'s memory bank, ``<run>/_tdc_proxy/g<g>-<key>.db`` with ``key`` the hash of
+    ``depends_on``; deleted first when ``tdc.resume_search`` is false."""
+    from dedt_ray.config import hash_json
+
+    path = store.local_path(BANK, f"g{g}-{hash_json(depends_on)[:16]}.db")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not cfg.tdc.resume_search and os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, db: str) -> Any:
     """The configured proxy for one group (Optuna study persisted in ``db``)."""
     from dedt_ray.tdc.proxy import LLMProxy, OptunaProxy
     from dedt_ray.tdc.pruning import architecture_table
 
-    optuna_proxy = OptunaProxy(pruner.blocks, storage_path=db, seed=cfg.seed + group["group"])
+    optuna_proxy = OptunaProxy(
+        pruner.blocks, db, seed=cfg.seed + group["group"], n_startup_trials=cfg.tdc.startup_rounds
+    )
     if cfg.tdc.proxy == "optuna":
         return optuna_proxy
     return LLMProxy(
@@ -199,40 +220,99 @@ def plan(cfg: Config, store: RunStore) -> Plan:
     return Plan(base, noise_scheduler, vae, info, spec, groups, budgets, described, base_fwd)
 
 
-def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[dict, list[dict]]:
+@dataclass
+class SearchData:
+    """The training images of the pruning search: Taylor, fine-tune and held-out parts."""
+
+    data: Any  # Batch of every drawn image
+    n_taylor: int
+    n_tune: int
+    heldout: Any  # Batch: the last n_held images
+
+    @property
+    def n_held(self) -> int:
+        return self.heldout.images.shape[0]
+
+
+def search_data(cfg: Config, rows: Any, spec: Any) -> SearchData:
+    """Draw the search's images and split them (`proxy.search_images`; a warning if short)."""
+    from dedt_ray.tdc.proxy import search_images
+
+    tc = cfg.tdc
+    wanted = max(tc.taylor_images, tc.score_images) + tc.score_heldout
+    data = score_batch(rows, wanted, cfg.seed, not spec.latent, spec.num_classes > 0)
+    n = data.images.shape[0]
+    n_taylor, n_tune, n_held = search_images(n, tc.taylor_images, tc.score_images, tc.score_heldout)
+    if n < wanted:
+        log.warning(
+            "tdc: %d training images for %d wanted; the search uses %d for Taylor, "
+            "%d to fine-tune, %d held out", n, wanted, n_taylor, n_tune, n_held,
+        )  # fmt: skip
+    return SearchData(data, n_taylor, n_tune, data.take(slice(n - n_held, n)))
+
+
+def search_group(
+    cfg: Config, store: RunStore, ctx: StageContext, p: Plan, g: int, sd: SearchData
+) -> tuple[dict, Any, list, int, int, int]:
+    """Group `g`'s proxy rounds (continuing its memory bank). (ratios, pruned model, history,
+    search FLOPs, Taylor pairs, rounds reused)"""
+    from dedt_ray.tdc.budget import search_flops
+    from dedt_ray.tdc.proxy import decide_group, denoising_score
+    from dedt_ray.tdc.pruning import UNetPruner
+
+    tc, (lo, hi) = cfg.tdc, p.groups[g]
+    pruner = UNetPruner.from_denoising(
+        p.base, p.noise_scheduler, sd.data.take(slice(0, sd.n_taylor)), (lo, hi),
+        tc.taylor_timesteps, seed=cfg.seed, threshold=tc.taylor_threshold,
+    )  # fmt: skip
+    depends_on = {
+        "inputs": ctx.inputs, "seed": cfg.seed, "t_range": [lo, hi], "budget": int(p.budgets[g]),
+        "lr": cfg.train.lr, "search": [sd.n_taylor, sd.n_tune, sd.n_held, tc.taylor_timesteps,
+                                       tc.taylor_threshold, tc.score_steps],
+    }  # fmt: skip
+    proxy = make_proxy(
+        cfg, pruner, p.described[g], p.budgets[g], proxy_bank(cfg, store, g, depends_on)
+    )
+    reused = min(len(proxy.memory_bank()), tc.rounds)
+
+    def score(model: torch.nn.Module) -> float:
+        return denoising_score(
+            model, p.noise_scheduler, sd.data.take(slice(0, sd.n_tune)), (lo, hi),
+            tc.score_steps, cfg.train.lr * 0.1, cfg.seed, sd.heldout, SCORE_BATCH,
+        )  # fmt: skip
+
+    ratios, pruned, history = decide_group(
+        p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
+    )
+    search = search_flops(
+        p.base_fwd, pruner.taylor_pairs, [r.flops for r in history], tc.score_steps,
+        min(SCORE_BATCH, sd.n_tune), sd.n_held,
+    )  # fmt: skip
+    return ratios, pruned, history, search, pruner.taylor_pairs, reused
+
+
+def decide(
+    cfg: Config, store: RunStore, ctx: StageContext, p: Plan, g: int, sd: SearchData
+) -> tuple[dict, list[dict]]:
     """Group `g`'s pruning decision (the full-size group keeps the base model); saves the
     chosen model to `<run>/tdc/pruned/group_<g>`. Returns (manifest row, its rounds)."""
-    from dedt_ray.tdc.budget import SCORE_BATCH, TAYLOR_BATCHES, model_flops, search_flops
-    from dedt_ray.tdc.proxy import decide_group, denoising_score
-    from dedt_ray.tdc.pruning import UNetPruner, save_pruned
+    from dedt_ray.tdc.budget import model_flops
+    from dedt_ray.tdc.pruning import save_pruned
 
-    tc, (lo, hi), t0 = cfg.tdc, p.groups[g], time.time()
+    (lo, hi), t0 = p.groups[g], time.time()
     if p.budgets[g] >= p.base_fwd:  # the full-size group: the base model, nothing to search
-        ratios, pruned, history, search, best = {}, copy.deepcopy(p.base), [], 0, None
+        ratios, pruned, history, search, pairs, reused = {}, copy.deepcopy(p.base), [], 0, 0, 0
+        best = None
     else:
-        pruner = UNetPruner.from_denoising(
-            p.base, p.noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
-        )
-        db = store.local_path(OUT, f"proxy-{g}.db")
-        proxy = make_proxy(cfg, pruner, p.described[g], p.budgets[g], db)
-
-        def score(model: torch.nn.Module) -> float:
-            return denoising_score(
-                model, p.noise_scheduler, data, (lo, hi), tc.score_steps, cfg.train.lr * 0.1,
-                cfg.seed, batch_size=SCORE_BATCH,
-            )  # fmt: skip
-
-        ratios, pruned, history = decide_group(
-            p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
-        )
-        n = data.images.shape[0]
-        search = search_flops(p.base_fwd, [r.flops for r in history], n, tc.score_steps)
+        ratios, pruned, history, search, pairs, reused = search_group(cfg, store, ctx, p, g, sd)
         best = min(r.score for r in history if r.score is not None)
     save_pruned(pruned, pruned_dir(store, g))
     pruned_fwd = model_flops(pruned)
     log.info(
-        "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
-        g, lo, hi, len(history), best, 100 * pruned_fwd / p.base_fwd,
+        "tdc: group %d [%d, %d): %d rounds (%d from the memory bank), best score %s at "
+        "%.1f%% of the base FLOPs; search %.3g FLOPs in %.1f s",
+        g, lo, hi, len(history), reused, best, 100 * pruned_fwd / p.base_fwd, search,
+        time.time() - t0,
     )  # fmt: skip
     row = {
         **p.described[g],
@@ -241,6 +321,9 @@ def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[di
         "flops_fraction": pruned_fwd / p.base_fwd,
         "best_score": best,
         "rounds": len(history),
+        "rounds_reused": reused,
+        "taylor_pairs": pairs,
+        "search_images": {"taylor": sd.n_taylor, "finetune": sd.n_tune, "heldout": sd.n_held},
         "search_flops": search,
         "search_seconds": round(time.time() - t0, 3),
     }
@@ -348,9 +431,9 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     inputs = read_inputs(store, ctx.inputs)
     rows, labels, classes, _ = training_rows(cfg, store, inputs)
     class_weights = class_weights_for(inputs.class_weights, labels, classes)
-    data = score_batch(rows, tc.score_images, cfg.seed, not p.spec.latent, p.spec.num_classes > 0)
+    sd = search_data(cfg, rows, p.spec)
     store.clear(OUT)
-    decided = [decide(cfg, store, p, g, data) for g in range(len(p.groups))]
+    decided = [decide(cfg, store, ctx, p, g, sd) for g in range(len(p.groups))]
     per_group = [row for row, _ in decided]
     store.write_json([r for _, rounds in decided for r in rounds], OUT, "rounds.json")
     train = inputs.manifests["train"]
