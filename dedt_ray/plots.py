@@ -39,12 +39,7 @@ def curves_png(
         pts = sorted((p["train_flops"], p[metric]) for p in points if p.get(metric) is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=name)
-    _lines(ax, noise_floor, target)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel(f"{metric} (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes(ax, metric, "training FLOPs", noise_floor, target, 8)
     return _png(fig)
 
 
@@ -75,17 +70,22 @@ def spread_png(
                        for c in curves])  # fmt: skip
         (line,) = ax.plot(grid, ys.mean(0), label=f"{name} ({len(curves)} seeds)")
         ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    _lines(ax, noise_floor, target)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (incl. selection / reference / proxy compute)")
-    ax.set_ylabel(f"{metric} (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _axes(ax, metric, "training FLOPs (incl. selection / reference / proxy compute)",
+          noise_floor, target, 7)  # fmt: skip
     return _png(fig)
 
 
-def _lines(ax: Any, noise_floor: float | None, target: float | None) -> None:
+def _axes(
+    ax: Any, metric: str, xlabel: str, noise_floor: float | None, target: float | None,
+    fontsize: int,
+) -> None:  # fmt: skip
+    """Log compute axis, labels, grid, legend; the noise floor and the target as lines."""
     if noise_floor is not None and noise_floor == noise_floor:
         ax.axhline(noise_floor, color="gray", ls=":", label="noise floor (real vs real)")
     if target is not None:
         ax.axhline(target, color="tab:red", ls="--", lw=1, label="target")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize)
