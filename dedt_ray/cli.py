@@ -39,8 +39,10 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
     from dedt_ray.diffusion.sample import add_sample_parser
+    from dedt_ray.evaluate import fid_cli
 
     add_sample_parser(sub)
+    fid_cli.add_parser(sub)
     return parser
 
 
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
         from dedt_ray.diffusion.sample import main as sample_main
 
         return sample_main(args)
+    if args.command == "fid":
+        from dedt_ray.evaluate.fid_cli import main as fid_main
+
+        return fid_main(args)
     try:
         cfg = load_config(base_config(args.config, args.run_dir), args.overrides)
         check_inputs(cfg)
