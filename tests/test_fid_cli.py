@@ -55,6 +55,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     small = [np.asarray(Image.fromarray(im).resize((24, 24))) for im in fake[half:]]
     _save_pngs(np.stack(small), root / "classes" / "b")
     np.savez(root / "bad.npz", pixels=fake)
+    _save_pngs(real[:1], root / "one")
     return {"root": root, "torch_home": torch_home, "dinov2": save_dinov2(root / "dinov2")}
 
 
@@ -99,6 +100,7 @@ def test_fid_bad_inputs_exit_2(inputs: dict[str, Path]) -> None:
     cases = [
         ([str(root / "nowhere"), str(root / "fake")], "nowhere: no such file or folder"),
         ([str(root / "real"), str(root / "bad.npz")], "needs `images` or `mu` + `sigma`"),
+        ([str(root / "one"), str(root / "fake")], "needs at least 2 images"),
         ([str(root / "real"), str(root / "fake"), "train.steps=3"], "only evaluate.*"),
         ([str(root / "real"), str(root / "fake"), "evaluate.nearest_k=0"], "nearest_k"),
         ([str(root / "real"), str(root / "fake"), "evaluate.inception_weights=/no/w.pth"],

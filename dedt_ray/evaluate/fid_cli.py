@@ -138,8 +138,11 @@ def load_side(path: str) -> Side:
     p = Path(path).expanduser()
     if p.is_dir():
         files = _image_files(p)
-        if not files:
-            raise InputError(f"{path}: no images ({', '.join(sorted(EXTENSIONS))})")
+        if len(files) < 2:
+            raise InputError(
+                f"{path}: needs at least 2 images ({', '.join(sorted(EXTENSIONS))}), "
+                f"has {len(files)}"
+            )
         return Side(path, files=files)
     if p.is_file() and p.suffix.lower() == ".npz":
         side = _load_npz(p)
