@@ -40,7 +40,10 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     sub.add_parser("tune", parents=[common], help="Ray Tune + Optuna sweep (docs/tune.md)")
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
+    from dedt_ray.evaluate import fid_cli
+
     add_sample_parser(sub)
+    fid_cli.add_parser(sub)
     return parser
 
 
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
     logging.basicConfig(level=logging.INFO, format="dedt-ray | %(message)s", stream=sys.stderr)
     if args.command == "sample":
         return sample_main(args)
+    if args.command == "fid":
+        from dedt_ray.evaluate.fid_cli import main as fid_main
+
+        return fid_main(args)
     try:
         cfg = load_config(base_config(args.config, args.run_dir), args.overrides)
         check_inputs(cfg)
