@@ -2,9 +2,9 @@
 
 `make_scorer(cfg, store, ...)` (called by a training stage through `StageContext.curve_scorer`,
 which the pipeline fills) resolves the evaluate stage's feature space, computes the real
-features once per run (cached under `<run>/curve/`), measures the noise floor (real vs real at
-the curve's sample count), and starts a `CurveScorer` actor. Rank 0 of the trainer calls
-`submit` every `train.eval_every` steps without waiting: the actor samples `train.eval_samples`
+features once per run (cached under `<run>/curve/`), measures the noise floor (real images in
+place of generated ones, at the curve's sample count), and starts a `CurveScorer` actor. Rank 0
+of the trainer calls `submit` every `train.eval_every` steps without waiting: the actor samples `train.eval_samples`
 images (DDIM, `train.eval_steps` steps) and measures the Frechet and kernel distances while the
 workers go on. `status` answers at once (the actor runs two calls at a time) whether the curve
 has flattened (`curves.convergence`); `finish` waits for the pending scores and returns the
@@ -63,7 +63,7 @@ class RealSide:
     cov: np.ndarray
     subset: np.ndarray
     count: int
-    noise_floor: float  # FD of two disjoint real subsets of the curve's sample count
+    noise_floor: float  # FD of `samples` real images against the other real images
 
 
 class CurveScorer:
@@ -234,9 +234,9 @@ def real_side(cfg: Config, store: RunStore, space: FeatureSpace, gpus: float) ->
     acc = real_features(cfg, [space], gpus, per_class=False)[0]
     subset = np.asarray(acc.subset.rows, np.float64)
     floor = float("nan")
-    if len(subset) >= 2 * samples:
+    if len(subset) >= 2 * samples:  # what a curve point measures, with real images instead
         order = np.random.default_rng(ev.seed).permutation(len(subset))
-        a, b = subset[order[:samples]], subset[order[samples : 2 * samples]]
+        a, b = subset[order[:samples]], subset[order[samples:]]
         other = FeatureStats().update(b)
         floor = _fd(a, other.mean, other.cov)
     real = RealSide(acc.total.mean, acc.total.cov, subset, acc.count, floor)
