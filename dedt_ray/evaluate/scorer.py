@@ -4,12 +4,12 @@
 which the pipeline fills) resolves the evaluate stage's feature space, computes the real
 features once per run (cached under `<run>/curve/`), measures the noise floor (real images in
 place of generated ones, at the curve's sample count), and starts a `CurveScorer` actor. Rank 0
-of the trainer calls `submit` every `train.eval_every` steps without waiting: the actor samples `train.eval_samples`
-images (DDIM, `train.eval_steps` steps) and measures the Frechet and kernel distances while the
-workers go on. `status` answers at once (the actor runs two calls at a time) whether the curve
-has flattened (`curves.convergence`); `finish` waits for the pending scores and returns the
-points. A point is also appended to `<run>/_ray/<name>-curve.json`, so a resumed run keeps its
-earlier points.
+of the trainer calls `submit` every `train.eval_every` steps without waiting: the actor samples
+`train.eval_samples` images (DDIM, `train.eval_steps` steps) and measures the Frechet and
+kernel distances while the workers go on. `status` answers at once (the actor runs two calls at
+a time) whether the curve has flattened (`curves.convergence`); `finish` waits for the pending
+scores and returns the points. A point is also appended to `<run>/_ray/<name>-curve.json`, so a
+resumed run keeps its earlier points.
 
 Composite models (TDC: one model per timestep group) send one submission per part (`key`); a
 point is scored when every part has sent that step, from `assemble(parts)`.
