@@ -126,7 +126,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     if state.get("stopped"):
         summary += f"; stopped early, {state['stopped']}"
     elif cfg.train.until == "converged":
-        summary += f"; reached the step ceiling ({budget}) still improving"
+        summary += f"; reached its step ceiling ({done['steps']}) still improving"
     return {
         "rows": int(len(labels)),
         "class_counts": counts,
