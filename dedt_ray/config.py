@@ -98,6 +98,9 @@ class SelectConfig(Section):
     # semantic dedup: false, true (threshold 0.95) or a cosine-similarity threshold in (0, 1]
     dedup: Literal[False] | float = False
     dedup_keep: Literal["centroid", "score"] = "centroid"  # which member of a set stays
+    # subtract the mean embedding before the cosines of k-means and dedup (for all-positive
+    # features such as pixels, where unrelated images are cosine-near)
+    center: bool = False
 
     @field_validator("dedup", mode="before")
     @classmethod

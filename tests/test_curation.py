@@ -182,3 +182,12 @@ def test_semantic_dedup_removes_injected_copies():
     scores = -np.arange(len(X), dtype=float)  # keep="score": the lower row index wins
     by_score, _, _ = semantic_dedup(X, 0.98, clusters=10, keep="score", scores=scores)
     assert (by_score[by_score >= 0] < np.flatnonzero(by_score >= 0)).all()
+
+
+def test_semantic_dedup_center_ignores_a_common_offset():
+    X, _ = with_copies(200, 20, 16, noise=0.01, seed=4)
+    shifted = X + 30.0  # every pair cosine-near until the mean is subtracted
+    assert (semantic_dedup(shifted, 0.99, clusters=4)[0] >= 0).sum() > 100
+    dup, _, _ = semantic_dedup(shifted, 0.99, clusters=4, center=True)
+    np.testing.assert_array_equal(dup >= 0, semantic_dedup(X - X.mean(0), 0.99, 4)[0] >= 0)
+    assert (dup >= 0).sum() == 20

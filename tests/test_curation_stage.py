@@ -124,6 +124,16 @@ def test_dedup_with_label_groups_and_the_best_scoring_kept(ray_cluster, tmp_path
     check_selection_per_group(scores, X, ids)
 
 
+def test_center_removes_a_common_offset(ray_cluster, tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    X, src = with_copies(directions(100, d=16), 10)
+    write_embed(store, X + 20.0)  # a common offset: every pair cosine-near
+    plain = run(store, "select.dedup=0.999", "select.clusters=4")
+    centred = run(store, "select.dedup=0.999", "select.clusters=4", "select.center=true")
+    assert plain["dedup"]["removed"] > 50  # mostly unrelated rows
+    assert centred["dedup"]["removed"] == 10 and centred["grouping"]["centred"]
+
+
 def test_groups_none_is_one_group(ray_cluster, tmp_path):
     store = RunStore(str(tmp_path / "run"))
     X = directions(60)

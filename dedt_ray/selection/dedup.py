@@ -136,14 +136,18 @@ def semantic_dedup(
     seed: int = 0,
     keep: str = "centroid",
     scores: np.ndarray | None = None,
+    center: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dedup a whole matrix: spherical k-means (fitted on every row), then `dedup_cluster`
     in each cluster with priority = cosine to the centroid (`keep="centroid"`) or `scores`
-    (`keep="score"`, higher kept first). Returns (duplicate_of, similarity, cluster)."""
+    (`keep="score"`, higher kept first); `center` subtracts the mean row first. Returns
+    (duplicate_of, similarity, cluster)."""
     if keep not in ("centroid", "score"):
         raise ValueError(f"keep must be 'centroid' or 'score', got {keep!r}")
     if keep == "score" and scores is None:
         raise ValueError("keep='score' needs scores")
+    if center:
+        X = X - X.mean(axis=0, dtype=np.float64).astype(np.float32)
     cluster, centroid_sim = assign_clusters(X, fit_clusters(X, clusters, seed))
     priority = centroid_sim if keep == "centroid" else np.asarray(scores, dtype=np.float64)
     duplicate_of = np.full(len(X), -1, dtype=np.int64)

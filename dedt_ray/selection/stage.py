@@ -93,8 +93,22 @@ def _sample_block(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
     return batch.select(["id", "embedding"]).filter(pa.array(mask))
 
 
+@dataclass(frozen=True)
+class Clustering:
+    """The fitted k-means: unit centroids [k, d], the offset subtracted from every embedding
+    before any cosine (the fit sample's mean with select.center, else None), sample size."""
+
+    centroids: np.ndarray
+    offset: np.ndarray | None
+    fit_rows: int
+
+
+def centred(x: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    return x if offset is None else x - offset
+
+
 @ray.remote
-def _fit_task(k: int, seed: int, *blocks: pa.Table) -> tuple[np.ndarray, int]:
+def _fit_task(k: int, seed: int, center: bool, *blocks: pa.Table) -> Clustering:
     import faiss
 
     faiss.omp_set_num_threads(_task_threads())
@@ -102,19 +116,23 @@ def _fit_task(k: int, seed: int, *blocks: pa.Table) -> tuple[np.ndarray, int]:
     if not tables:
         raise ValueError("the k-means fit sample is empty")
     table = pa.concat_tables(tables).sort_by("id")  # the fit does not depend on block order
-    return fit_clusters(_matrix(table), k, seed), table.num_rows
+    x = _matrix(table)
+    offset = x.mean(axis=0, dtype=np.float64).astype(np.float32) if center else None
+    return Clustering(fit_clusters(centred(x, offset), k, seed), offset, table.num_rows)
 
 
-def fit_centroids(ds: ray.data.Dataset, k: int, seed: int, rows: int) -> tuple[np.ndarray, int]:
-    """Unit centroids [k, d] fitted in one task on a seeded sample of about 40 k rows, and
-    the sample's size. The sampling pass also checks every embedding for NaN / inf."""
+def fit_centroids(
+    ds: ray.data.Dataset, k: int, seed: int, rows: int, center: bool = False
+) -> Clustering:
+    """k-means fitted in one task on a seeded sample of about 40 k rows (centred by the
+    sample's mean with `center`). The sampling pass also checks every embedding for NaN."""
     fraction = fit_sample_size(k, rows) / rows
     sample = ds.map_batches(
         _sample_block, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow"
     )
     refs = sample.to_arrow_refs()
     node_cpus = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
-    fitted = ray.get(_fit_task.options(num_cpus=node_cpus).remote(k, seed, *refs))
+    fitted = ray.get(_fit_task.options(num_cpus=node_cpus).remote(k, seed, center, *refs))
     _wait_for_free_cpus()
     return fitted
 
@@ -127,16 +145,16 @@ def _wait_for_free_cpus(timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _tag_block(batch: pa.Table, mode: str, centroids: np.ndarray | None) -> pa.Table:
+def _tag_block(batch: pa.Table, mode: str, clustering: Clustering | None) -> pa.Table:
     """Check a block, assign its clusters (when fitted) and set its `group` column."""
     import faiss
 
     x = _matrix(batch)
     _check_finite(batch, x)
     group = batch.column("label") if mode == "labels" else pa.array(np.zeros(len(x), np.int64))
-    if centroids is not None:
+    if clustering is not None:
         faiss.omp_set_num_threads(_task_threads())
-        cluster, sim = assign_clusters(x, centroids)
+        cluster, sim = assign_clusters(centred(x, clustering.offset), clustering.centroids)
         batch = batch.append_column("cluster", pa.array(cluster))
         batch = batch.append_column("centroid_sim", pa.array(sim))
         if mode == "clusters":
@@ -154,7 +172,7 @@ def _dedup_rows(
     else:
         params = {"k": score["k"], "index": score["index"]}
         priority = score_class(x, score["criterion"], None, seed, **params)[0]
-    return dedup_cluster(x, dedup["threshold"], priority)
+    return dedup_cluster(centred(x, dedup["offset"]), dedup["threshold"], priority)
 
 
 def _with_duplicates(group: pa.Table, rep: np.ndarray, sim: np.ndarray) -> pa.Table:
@@ -214,9 +232,15 @@ def _score_live(
     return scores, kept, notes
 
 
-def curate(ds: ray.data.Dataset, grouping: Grouping, sel: SelectConfig) -> ray.data.Dataset:
-    """Dedup within clusters (when on), then score within groups: one task per group. When
-    the groups are the clusters both happen in one task, after one shuffle."""
+def curate(
+    ds: ray.data.Dataset,
+    grouping: Grouping,
+    sel: SelectConfig,
+    offset: np.ndarray | None = None,
+) -> ray.data.Dataset:
+    """Dedup within clusters (when on; cosines of embeddings minus `offset`), then score
+    within groups: one task per group. When the groups are the clusters both happen in one
+    task, after one shuffle."""
     score = {
         "criterion": sel.criterion,
         "keep_ratio": sel.keep_ratio,
@@ -224,7 +248,8 @@ def curate(ds: ray.data.Dataset, grouping: Grouping, sel: SelectConfig) -> ray.d
         "k": sel.k,
         "index": sel.knn_index,
     }
-    dedup = {"threshold": sel.dedup, "keep": sel.dedup_keep} if sel.dedup else None
+    dedup = {"threshold": sel.dedup, "keep": sel.dedup_keep, "offset": offset}
+    dedup = dedup if sel.dedup else None
     if dedup is not None and grouping.mode != "clusters":
         ds = ds.groupby("cluster").map_groups(
             _dedup_group, fn_kwargs={"score": score, "dedup": dedup}, batch_format="pyarrow"
@@ -309,15 +334,16 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     grouping = plan_grouping(sel, rows, labelled)  # bad k fails before any Ray work
     strategy = _configure_shuffle(sel.shuffle, rows * max(1, dim) * 4)
     ds = ray.data.read_parquet(store.uri(store.path("embed", "embeddings.parquet")))
-    centroids, fit_rows = None, 0
+    clustering = None
     if grouping.clusters:
-        centroids, fit_rows = fit_centroids(ds, grouping.clusters, sel.seed, rows)
+        clustering = fit_centroids(ds, grouping.clusters, sel.seed, rows, sel.center)
     tagged = ds.map_batches(
         _tag_block,
-        fn_kwargs={"mode": grouping.mode, "centroids": centroids},
+        fn_kwargs={"mode": grouping.mode, "clustering": clustering},
         batch_format="pyarrow",
     )
-    scored = curate(tagged, grouping, sel).materialize()
+    offset = clustering.offset if clustering else None
+    scored = curate(tagged, grouping, sel, offset).materialize()
     out = store.path("select", SCORES)
     scored.select_columns(SCORE_COLUMNS).write_parquet(store.uri(out), mode="overwrite")
     columns = ["id", "label", "group", "score", "kept", "duplicate", "duplicate_of", "similarity"]
@@ -334,7 +360,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         if duplicates.num_rows:
             store.write_bytes(duplicates_png(cfg, duplicates), "select", DUPLICATES_PNG)
     store.write_bytes(examples_png(cfg, table, grouping.mode), "select", EXAMPLES)
-    manifest = summarise(table, grouping, sel, fit_rows)
+    manifest = summarise(table, grouping, sel, clustering.fit_rows if clustering else 0)
     return {**manifest, "shuffle": strategy.value}
 
 
@@ -393,6 +419,7 @@ def summarise(
             },
             "clusters": grouping.clusters,
             "fit_rows": fit_rows,
+            "centred": bool(sel.center and grouping.clusters),
         },
         "dedup": dedup,
         "per_group": per_group,
