@@ -67,7 +67,10 @@ def plan_grouping(sel: SelectConfig, rows: int, labelled: bool) -> Grouping:
 
 
 def _matrix(table: pa.Table) -> np.ndarray:
-    emb = table.column("embedding").combine_chunks()
+    """The embedding column as [n, d] float32, without a copy when it is one chunk
+    (combine_chunks copies even then: 0.3 s per 100k x 512 block)."""
+    column = table.column("embedding")
+    emb = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     return emb.flatten().to_numpy(zero_copy_only=False).reshape(len(table), emb.type.list_size)
 
 
