@@ -142,7 +142,7 @@ def fit_centroids(
 
 def _wait_for_free_cpus(timeout: float = 5.0) -> None:
     """Ray reports a finished task's CPUs free with a lag; a Dataset started before that
-    logs a false "no available CPUs, the job will hang" warning."""
+    logs a false "no available CPUs, the job will hang" warning (after the fit, the write)."""
     deadline = time.monotonic() + timeout
     while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -349,6 +349,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     scored = curate(tagged, grouping, sel, offset).materialize()
     out = store.path("select", SCORES)
     scored.select_columns(SCORE_COLUMNS).write_parquet(store.uri(out), mode="overwrite")
+    _wait_for_free_cpus()
     columns = ["id", "label", "group", "score", "kept", "duplicate", "duplicate_of", "similarity"]
     refs = scored.select_columns([*columns, "note"]).to_arrow_refs()
     # the hash shuffle leaves empty partitions: blocks without rows (and without a schema)
