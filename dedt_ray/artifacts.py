@@ -54,15 +54,29 @@ def vector_table(ids: Any, labels: Any, column: str, vectors: np.ndarray) -> pa.
     )
 
 
-def read_selection(store: RunStore) -> pa.Table:
-    """Rows kept by the select stage: id, label (+ weight when the scores carry one)."""
+def read_scores(store: RunStore) -> pa.Table:
+    """The select stage's scores.parquet (every row), checked for the columns readers need."""
     table = pads.dataset(store.uri(store.path(*SCORES)), format="parquet").to_table()
     missing = {"id", "label", "kept"} - set(table.column_names)
     if missing:
         raise ValueError(f"{store.path(*SCORES)} lacks columns {sorted(missing)}")
+    return table
+
+
+def read_selection(store: RunStore, scores: pa.Table | None = None) -> pa.Table:
+    """Rows kept by the select stage: id, label (+ weight when the scores carry one)."""
+    table = read_scores(store) if scores is None else scores
     table = table.filter(pc.equal(table.column("kept"), True))
     columns = ["id", "label"] + (["weight"] if "weight" in table.column_names else [])
     return table.select(columns)
+
+
+def read_groups(scores: pa.Table) -> pa.Table | None:
+    """id, group of every row when the selection grouped unlabelled rows (clusters), else None:
+    the groups then stand in for classes in Group DRO and class-weighted sampling."""
+    if "group" not in scores.column_names or pc.any(pc.greater_equal(scores["label"], 0)).as_py():
+        return None
+    return scores.select(["id", "group"])
 
 
 def read_class_weights(obj: dict[str, Any], num_classes: int) -> np.ndarray:
@@ -122,6 +136,7 @@ class TrainingInputs:
     selection: pa.Table | None = None  # kept rows (select)
     class_weights: dict[str, Any] | None = None  # class_weights.json (reweight), parsed later
     latent_info: dict[str, Any] | None = None  # latents/info.json (latents)
+    groups: pa.Table | None = None  # id, group: clusters of unlabelled rows (select)
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)  # upstream manifests
 
 
@@ -130,7 +145,8 @@ def read_inputs(store: RunStore, used: dict[str, str]) -> TrainingInputs:
     manifests = {name: store.manifest(name) or {} for name in used}
     inputs = TrainingInputs(used=dict(used), manifests=manifests)
     if "select" in used:
-        inputs.selection = read_selection(store)
+        scores = read_scores(store)
+        inputs.selection, inputs.groups = read_selection(store, scores), read_groups(scores)
     if "reweight" in used and store.exists(*CLASS_WEIGHTS):  # a skipped reweight writes none
         inputs.class_weights = store.read_json(*CLASS_WEIGHTS)
     if "latents" in used:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dedt_ray.registry import CRITERIA, ENCODERS, choice
 
@@ -70,8 +77,11 @@ class EmbedConfig(Section):
         return self
 
 
+DEDUP_DEFAULT = 0.95  # select.dedup=true: the cosine-similarity threshold
+
+
 class SelectConfig(Section):
-    """Class-wise coreset selection."""
+    """Group-wise coreset selection (groups: classes, embedding clusters or none) and dedup."""
 
     enabled: bool = True
     criterion: CriterionName = "gaussian"
@@ -82,6 +92,30 @@ class SelectConfig(Section):
     # groupby shuffle: "sort" (no extra actors, ~3 copies of the embeddings at its peak),
     # "hash" (streams into aggregator actors, ~2x at its peak), "auto": hash from 1 GiB up
     shuffle: Literal["auto", "sort", "hash"] = "auto"
+    # what selection runs within: labels, k-means clusters of the embeddings, or all rows;
+    # None: labels when any row has one (label != -1), else clusters
+    groups: Literal["labels", "clusters", "none"] | None = None
+    clusters: int | None = Field(None, ge=1)  # spherical k-means k; None: sqrt(rows), capped
+    # semantic dedup: false, true (threshold 0.95) or a cosine-similarity threshold in (0, 1]
+    dedup: Literal[False] | float = False
+    dedup_keep: Literal["centroid", "score"] = "centroid"  # which member of a set stays
+    # subtract the mean embedding before the cosines of k-means and dedup (for all-positive
+    # features such as pixels, where unrelated images are cosine-near)
+    center: bool = False
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup_threshold(cls, value: Any) -> Any:
+        if value is True:
+            return DEDUP_DEFAULT
+        if value is False or value is None:
+            return False
+        if isinstance(value, int | float) and 0.0 < value <= 1.0:
+            return float(value)
+        raise ValueError(
+            "select.dedup must be false, true (threshold 0.95) or a cosine-similarity "
+            f"threshold in (0, 1], got {value!r}"
+        )
 
 
 class ModelConfig(Section):

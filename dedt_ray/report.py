@@ -39,6 +39,7 @@ class RunArtifacts:
     root: str
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
     select_png: bytes | None = None
+    select_duplicates_png: bytes | None = None  # select/duplicates.png when dedup removed rows
     reweight_pngs: dict[str, bytes] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # <stage>/curve.parquet
@@ -85,6 +86,7 @@ def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifac
             art.manifests[name] = manifest
     if "select" in art.manifests:
         art.select_png = _maybe_bytes(store, "select", "examples.png")
+        art.select_duplicates_png = _maybe_bytes(store, "select", "duplicates.png")
     if "reweight" in art.manifests:
         for name in store.list("reweight"):
             if name.lower().endswith(".png"):
@@ -219,6 +221,8 @@ def selection_section(run: RunArtifacts) -> str:
     body = f"<p>{_e(m.get('summary', ''))}</p>"
     if run.select_png:
         body += _img(run.select_png, "selection examples")
+    if run.select_duplicates_png:
+        body += _img(run.select_duplicates_png, "near-duplicate pairs removed")
     per_class = m.get("per_class") or []
     if per_class:
         rows = [[c.get("label"), c.get("n"), c.get("kept")] for c in per_class]

@@ -83,10 +83,9 @@ STAGES: dict[str, Stage] = {
             "dedt_ray.reweight.reference:run",
             (*TRAINING, "reference", "reweight"),  # reweight: the shared model and budget
             enabled=lambda cfg: cfg.reweight.enabled,
+            # select: the subset (reference.data=subset) or, for unlabelled data, its groups
             optional=lambda cfg: (
-                ("select", "latents")
-                if cfg.reference.data == "subset" and not cfg.reference.pretrained
-                else ("latents",)
+                ("latents",) if cfg.reference.pretrained else ("select", "latents")
             ),
         ),
         Stage(

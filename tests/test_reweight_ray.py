@@ -168,7 +168,8 @@ def test_default_reference_is_small_and_learns_the_full_data(staged, tmp_path):
     _write_select(store)
     cfg = load_config(None, [*MODEL, "data.limit=150", "train.steps=40", "train.batch_size=10"])
     ref = run_stage("reference", cfg, store)
-    assert ref["data"] == "full" and ref["rows"] == 150 and ref["inputs"] == {}
+    assert ref["data"] == "full" and ref["rows"] == 150
+    assert ref["inputs"] == {"select": "sel-1"}  # only lends its groups (to unlabelled data)
     plan = ref["dro_plan"]
     assert ref["steps"] == plan["reference_steps"] == plan["proxy_steps"] > 1
     assert plan["planned_fraction"] <= cfg.reweight.budget
@@ -304,3 +305,35 @@ def test_degraded_class_is_downweighted(ray_cluster, tmp_path):
     assert w[DEGRADED] < clean_w[DEGRADED]
     assert w[DEGRADED] == w.min() < 0.25  # uniform: 0.25
     assert excess[DEGRADED] < clean_excess[DEGRADED]
+
+
+def test_unlabelled_data_reweight_over_clusters(ray_cluster, tmp_path):
+    """No labels: the select stage's clusters are the groups of Group DRO and of the final
+    model's sampling; every model stays unconditional."""
+    from sklearn.datasets import load_digits
+
+    from dedt_ray.pipeline import run_pipeline
+
+    digits = load_digits()
+    images = np.round(digits.images[:160] * 255 / 16).astype(np.uint8)
+    pq.write_table(
+        pa.table(
+            {"id": [f"u{i:04d}" for i in range(160)], "image": [im.tolist() for im in images]}
+        ),
+        str(tmp_path / "data.parquet"),
+    )
+    cfg = load_config(None, [
+        *MODEL, "data.source=parquet", f"data.path={tmp_path / 'data.parquet'}",
+        "data.label_column=null", "model.class_conditional=false", "select.groups=clusters",
+        "select.clusters=4", "train.steps=4", "train.batch_size=16", "reference.steps=4",
+        "reweight.steps=4", "train.log_every=2", "train.checkpoint_every=4",
+    ])  # fmt: skip
+    store = RunStore(str(tmp_path / "run"))
+    done = run_pipeline(cfg, store, only=["embed", "select", "reference", "reweight", "train"])
+    groups = pq.read_table(store.path("select", "scores.parquet")).column("group").to_numpy()
+    k = len(np.unique(groups))
+    assert k >= 2 and done["reweight"]["classes"] == k and "skipped" not in done["reweight"]
+    assert len(done["train"]["class_weights"]) == k  # group weights as sampling probabilities
+    assert (
+        done["train"]["spec"]["num_classes"] == 0 and done["reference"]["spec"]["num_classes"] == 0
+    )

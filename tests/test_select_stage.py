@@ -9,6 +9,7 @@ from dedt_ray import selection
 from dedt_ray.config import load_config
 from dedt_ray.embed import EMBEDDINGS, embedding_table, read_embeddings
 from dedt_ray.pipeline import run_stage
+from dedt_ray.selection.stage import SCORE_COLUMNS
 from dedt_ray.store import RunStore
 
 
@@ -45,9 +46,11 @@ def test_stage_matches_pure_select(ray_cluster, tmp_path, criterion, shuffle):
     )
 
     scores = pads.dataset(store.path("select", "scores.parquet")).to_table().to_pandas()
-    assert list(scores.columns) == ["id", "label", "criterion", "score", "kept"]
+    assert list(scores.columns) == SCORE_COLUMNS
     assert len(scores) == 43 and scores["id"].is_unique
     assert (scores["criterion"] == criterion).all()
+    assert (scores["group"] == scores["label"]).all() and not scores["duplicate"].any()
+    assert manifest["grouping"]["mode"] == "labels" and manifest["dedup"] is None
 
     ids, labels, emb = read_embeddings(store)
     order = np.argsort(ids)  # the stage scores each class in id order

@@ -60,8 +60,11 @@ def _prepare_rows(
     shape: tuple[int, ...],
     keep: np.ndarray | None,
     keep_weights: np.ndarray | None,
+    group_ids: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Keep the selected ids; bring the training column to `x` of `shape` per row."""
+    """Keep the selected ids; bring the training column to `x` of `shape` per row; with
+    `groups` (sorted by `group_ids`), the rows' group is their label."""
     ids = np.asarray(batch["id"]).astype(str)
     mask = np.ones(len(ids), bool) if keep is None else np.isin(ids, keep)
     x = np.asarray(batch[column])
@@ -71,6 +74,11 @@ def _prepare_rows(
     out = {"id": ids[mask], "label": np.asarray(batch["label"], np.int64)[mask], "x": x}
     if keep_weights is not None:
         out["weight"] = keep_weights[np.searchsorted(keep, out["id"])].astype(np.float32)
+    if groups is not None:
+        at = np.minimum(np.searchsorted(group_ids, out["id"]), len(group_ids) - 1)
+        if len(out["id"]) and not np.array_equal(group_ids[at], out["id"]):
+            raise ValueError("rows without a group in select/scores.parquet: rerun `select`")
+        out["label"] = groups[at].astype(np.int64)
     return out
 
 
@@ -102,11 +110,13 @@ def training_rows(
         keep = np.asarray(selection.column("id").to_pylist(), dtype=str)[order]
         if "weight" in selection.column_names:
             keep_weights = selection.column("weight").to_numpy()[order]
-    ds = ds.map_batches(
-        _prepare_rows,
-        fn_kwargs={"column": column, "shape": shape, "keep": keep, "keep_weights": keep_weights},
-        batch_format="numpy",
-    ).materialize()
+    kwargs = {"column": column, "shape": shape, "keep": keep, "keep_weights": keep_weights}
+    if inputs.groups is not None:  # unlabelled rows: their clusters stand in for classes
+        ids = np.asarray(inputs.groups.column("id").to_pylist(), dtype=str)
+        order = np.argsort(ids)
+        kwargs.update(group_ids=ids[order], groups=inputs.groups["group"].to_numpy()[order])
+        data_info["grouped"] = True
+    ds = ds.map_batches(_prepare_rows, fn_kwargs=kwargs, batch_format="numpy").materialize()
     labels = np.concatenate(
         [b["label"] for b in ds.select_columns(["label"]).iter_batches(batch_format="numpy")]
         or [np.zeros(0, np.int64)]
@@ -125,6 +135,8 @@ def model_spec(cfg: Config, labels: np.ndarray, classes: list[str] | None, data:
     if cfg.model.sample_size is not None and cfg.model.sample_size != size:
         raise ValueError(f"model.sample_size={cfg.model.sample_size} but the data are {size} px")
     num_classes = 0
+    if data.get("grouped"):  # the labels are clusters of unlabelled data: no conditioning
+        return ModelSpec(size, channels, 0, cfg.model.latent)
     if cfg.model.class_conditional:
         if labels.min() < 0:
             raise ValueError(

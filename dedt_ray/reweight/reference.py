@@ -166,7 +166,9 @@ def copy_pretrained(cfg: Config, store: RunStore, inputs: TrainingInputs) -> dic
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     """Stage entry point: train (or copy) the reference model into `<run>/reference/model`."""
     check_reweight(cfg)
-    inputs = read_inputs(store, ctx.inputs)  # the subset (reference.data=subset), latents
+    inputs = read_inputs(store, ctx.inputs)  # select (its subset, or its groups), latents
+    if cfg.reference.data == "full":  # every row; the selection only lends its groups
+        inputs.selection = None
     if cfg.reference.pretrained:
         return copy_pretrained(cfg, store, inputs)
     rows, labels, classes, data = training_rows(cfg, store, inputs)
