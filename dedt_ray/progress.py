@@ -5,6 +5,7 @@ every so often. Nothing shows with `dedt-ray -q` (dedt_ray logs at WARNING).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -37,7 +38,13 @@ class Progress:
         if shown and (sys.stderr.isatty() if bar is None else bar):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+            # a terminal of unknown size (a pty without one, as under `script`): tqdm would
+            # draw nothing in 0 columns and hide every bar below row 0
+            sized = _columns() > 0
+            self.bar = tqdm(
+                total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=sized,
+                ncols=None if sized else 80, nrows=None if sized else 24,
+            )  # fmt: skip
         self.lines = shown and self.bar is None
 
     def update_to(self, n: int, **postfix: Any) -> None:
@@ -73,6 +80,14 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _columns() -> int:
+    """The terminal's width (0 when unknown: tqdm would draw nothing)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
 
 def _fmt(value: Any) -> str:

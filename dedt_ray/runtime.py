@@ -39,8 +39,8 @@ def init_ray(num_cpus: int | None = None, progress: bool | None = None) -> None:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     verbose = chatty()
-    if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not verbose:  # its notes on progress bars and resources: only with -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not ray.is_initialized():
         kwargs: dict = {
             "log_to_driver": verbose,

@@ -389,7 +389,8 @@ TINY_TRAIN = [
     "model.attention_levels=[false,false]", "train.steps=6", "train.batch_size=8",
     "train.warmup_steps=0", "train.log_every=2", "train.checkpoint_every=2",
     "train.keep_checkpoints=3", "train.threads_per_worker=1", "train.num_workers=1",
-    "train.use_gpu=false", "train.tracking=[tensorboard,mlflow]",
+    "train.use_gpu=false", "train.tracking=[tensorboard,mlflow]", "select.enabled=false",
+    "reweight.enabled=false",
 ]  # fmt: skip
 
 
@@ -398,6 +399,7 @@ def test_truncated_checkpoint_falls_back_and_force_starts_clean(ray_cluster, tmp
     """Items 4, 5, 11, 14 on a real run: resume past a truncated checkpoint, --force discards
     the in-progress state, the manifest records the export's checksums, the card has the
     training sections, and the reports reached TensorBoard and MLflow while it trained."""
+    from dedt_ray.diffusion.state import checkpoint_dirs
     from dedt_ray.pipeline import run_stage
     from dedt_ray.store import RAY_STATE
 
@@ -409,7 +411,7 @@ def test_truncated_checkpoint_falls_back_and_force_starts_clean(ray_cluster, tmp
         run_stage("train", failing, store)
     assert not store.exists("train")  # nothing half-written
     (run_name,) = [n for n in store.list(RAY_STATE) if n.startswith("train-")]
-    ckpts = [n for n in store.list(RAY_STATE, run_name) if n.startswith("checkpoint_")]
+    ckpts = checkpoint_dirs(store.list(RAY_STATE, run_name))
     assert ckpts == ["checkpoint_00000002", "checkpoint_00000004"]
     tensors = Path(store.path(RAY_STATE, run_name, ckpts[-1], "state.safetensors"))
     tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])  # truncated

@@ -160,6 +160,9 @@ class MLflowSink:
     def _start(self) -> None:
         from mlflow.tracking import MlflowClient
 
+        if not log.isEnabledFor(logging.DEBUG):  # its database set-up lines only with -v
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(self.experiment)
         experiment_id = (
