@@ -1,12 +1,13 @@
-"""Single model vs TDC at equal total training FLOPs, on digits.
+"""Single model vs TDC within the same budget (the pipeline's defaults), on digits.
 
-1. TDC run: `train` (stage 1, --stage1-steps) -> `tdc` (pruning search + stage 2,
-   --finetune-steps per group) -> `evaluate` (the routed model).
-2. Baseline run: one model trained for as many steps as TDC's total training FLOPs buy
-   (total / flops_per_step), then `evaluate`.
+1. TDC run: `train.steps = --budget-steps` with `tdc.enabled`: the train stage is stage 1
+   (`tdc.stage1_fraction` of the budget), `tdc` searches and fine-tunes each group for what the
+   budget leaves, `evaluate` measures the routed model.
+2. Baseline run: one model trained for the whole budget, then `evaluate` (TDC's total is at
+   most its FLOPs: `within_baseline`).
 3. The stage-1 model alone (TDC's starting point, a copy of run 1 without `tdc`), evaluated:
-   stage1 -> tdc is what pruning + stage 2 did, stage1 -> single what the same FLOPs buy
-   when spent on the single model.
+   stage1 -> tdc is what pruning + stage 2 did with the rest of the budget, stage1 -> single
+   what the same budget buys when spent on the single model.
 
 Prints quality (the evaluate stage's FD and its feature space), sampling FLOPs per image and
 training FLOPs of both, and writes them to `<out>/results.json`. Both runs measure FD with
@@ -14,7 +15,7 @@ the same feature classifier (the TDC run's, copied). Extra `key=value` arguments
 configs. The paper's budget formula keeps one full-size group, so sampling saves
 `(1 - mean budget fraction over the sampled steps)`: 2 groups need k <= ~0.15 for 20%.
 
-    python benchmarks/tdc.py --stage1-steps 600 --finetune-steps 200 --out /tmp/tdc-bench
+    python benchmarks/tdc.py --budget-steps 1476 --out /tmp/tdc-bench train.lr=4e-3
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -41,6 +41,8 @@ COMMON = [
     "reweight.enabled=false",
     "train.num_workers=0",
     "train.threads_per_worker=1",  # 2 OpenMP threads in-process crawl on a loaded 2-vCPU VM
+    "train.until=steps",  # a fixed budget, no curve
+    "train.eval_every=null",
     "evaluate.samples_per_class=50",
     "evaluate.num_inference_steps=25",
     "evaluate.classifier_epochs=5",
@@ -56,9 +58,7 @@ def run(run_dir: str, overrides: list[str], stages: list[str]) -> dict[str, dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage1-steps", type=int, default=600)
-    parser.add_argument("--finetune-steps", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget-steps", type=int, default=1476, help="train.steps")
     parser.add_argument("--groups", type=int, default=2, help="tdc.n_groups")
     parser.add_argument("--k", type=float, default=0.1, help="tdc.k (smallest group's FLOPs)")
     parser.add_argument("--out", default="/tmp/dedt-tdc-bench")
@@ -69,19 +69,12 @@ def main() -> None:
     torch.set_num_threads(1)  # the tdc stage's pruning search runs in this process too
 
     started = time.time()
-    tdc_over = [
-        *args.overrides,
-        f"train.steps={args.stage1_steps}",
-        "tdc.enabled=true",
-        f"tdc.finetune_steps={args.finetune_steps}",
-        f"tdc.rounds={args.rounds}",
-        f"tdc.n_groups={args.groups}",
-        f"tdc.k={args.k}",
-    ]
+    budget = [*args.overrides, f"train.steps={args.budget_steps}"]
+    tdc_over = [*budget, "tdc.enabled=true", f"tdc.n_groups={args.groups}", f"tdc.k={args.k}"]
     tdc = run(os.path.join(args.out, "tdc"), tdc_over, ["train", "tdc", "evaluate"])
     flops = tdc["tdc"]["training_flops"]
-    steps = math.ceil(flops["total_flops"] / tdc["train"]["flops_per_step"])
-    base_over = [*args.overrides, f"train.steps={steps}"]
+    steps = args.budget_steps
+    base_over = budget
     single_dir = os.path.join(args.out, "single")
     classifier = os.path.join(args.out, "tdc", "classifier")
     if os.path.isdir(classifier):  # the same FD feature space for both
@@ -91,14 +84,15 @@ def main() -> None:
     stage1_dir = os.path.join(args.out, "stage1")
     skip = shutil.ignore_patterns("tdc", "evaluate", "_ray")
     shutil.copytree(os.path.join(args.out, "tdc"), stage1_dir, ignore=skip, dirs_exist_ok=True)
-    stage1_over = [o for o in tdc_over if o != "tdc.enabled=true"]
+    stage1_steps = tdc["train"]["steps"]
+    stage1_over = [*args.overrides, f"train.steps={stage1_steps}"]
     stage1 = run(stage1_dir, stage1_over, ["train", "evaluate"])
 
     sampling = tdc["tdc"]["sampling_flops"]
     rows = [
-        ("stage1", args.stage1_steps, stage1["train"]["flops"], stage1["evaluate"]),
+        ("stage1", stage1_steps, stage1["train"]["flops"], stage1["evaluate"]),
         ("single", steps, base["train"]["flops"], base["evaluate"]),
-        ("tdc", args.stage1_steps, flops["total_flops"], tdc["evaluate"]),
+        ("tdc", stage1_steps + tdc["tdc"]["stage2_steps"], flops["total_flops"], tdc["evaluate"]),
     ]
     metric = tdc["evaluate"]["metric"]
     print(f"\n{'model':8} {'steps':>7} {'train FLOPs':>12} {metric:>22} {'sample FLOPs/img':>17}")
@@ -117,7 +111,8 @@ def main() -> None:
     )
     saved = 1 - tdc["evaluate"]["flops_per_image"] / base["evaluate"]["flops_per_image"]
     better = tdc["evaluate"]["value"] <= base["evaluate"]["value"]
-    print(f"sampling FLOPs saved {saved:.1%}; {metric} tdc <= single: {better}")
+    print(f"sampling FLOPs saved {saved:.1%}; {metric} tdc <= single: {better}; "
+          f"within the budget: {flops['within_baseline']}")  # fmt: skip
     out = {
         "args": vars(args),
         "metric": metric,

@@ -80,7 +80,10 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     )
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
+    from dedt_ray.evaluate import fid_cli
+
     add_sample_parser(sub, quiet)
+    fid_cli.add_parser(sub)
     return parser
 
 
@@ -214,6 +217,10 @@ def one_line(exc: BaseException) -> str:
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "sample":
         return sample_main(args)
+    if args.command == "fid":
+        from dedt_ray.evaluate.fid_cli import main as fid_main
+
+        return fid_main(args)
     cfg, run_dir = resolve(args)
     if args.command == "config":
         print(dump_config(cfg), end="")

@@ -94,7 +94,7 @@ class ModelConfig(Section):
     block_out_channels: list[int] = [16, 32, 64]
     layers_per_block: int = Field(1, ge=1)
     attention_levels: list[bool] | None = None  # per block; None: attention in the last one
-    attention_head_dim: int = Field(8, ge=1)
+    attention_head_dim: int | None = Field(8, ge=1)  # None: one head per attention layer
     mid_attention: bool = True  # self-attention in the UNet's middle block
     norm_num_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -124,10 +124,22 @@ class ModelConfig(Section):
         return self
 
 
+class InfoBatchConfig(Section):
+    """InfoBatch's soft pruning of each epoch (Qin et al., ICLR 2024; docs/train.md)."""
+
+    enabled: bool = False
+    ratio: float = Field(0.5, ge=0.0, lt=1.0)  # share of the low-loss samples dropped per epoch
+    anneal: float = Field(0.875, gt=0.0, le=1.0)  # prune in the first `anneal` of the epochs
+
+
 class TrainConfig(Section):
     """How a diffusion model is trained (Ray Train, DDP)."""
 
-    steps: int = Field(1000, ge=1)  # optimizer steps
+    steps: int = Field(1000, ge=1)  # optimizer steps (unless train.epochs is set)
+    # the budget in passes over the training rows instead of steps: ceil(epochs x rows /
+    # batch_size) steps without InfoBatch, fewer with it (a pruned epoch is shorter)
+    epochs: float | None = Field(None, gt=0.0)
+    infobatch: InfoBatchConfig = InfoBatchConfig()
     batch_size: int = Field(64, ge=1)  # global batch per optimizer step
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -137,7 +149,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # used on GPU only
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    # Min-SNR-gamma loss weights (Hang et al., ICCV 2023: gamma 5), None: uniform over t
     min_snr_gamma: float | None = Field(None, gt=0.0)
+    hflip: bool = False  # random horizontal flips of the training images (pixel models)
     class_weighting: Literal["sampling", "loss"] = "sampling"
     num_workers: int = Field(1, ge=0)  # 0: in-process (tests)
     use_gpu: bool | None = None  # None: when the cluster has GPUs
@@ -147,8 +161,17 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(100, ge=1)
+    # quality along training (docs/train.md): every eval_every steps the EMA model is sampled
+    # (eval_samples, DDIM eval_steps) and scored against the real images by a Ray actor
+    eval_every: int | None = Field(None, ge=1)
+    eval_samples: int = Field(200, ge=4)
+    eval_steps: int = Field(20, ge=1)
+    # "converged": stop when the metric has not improved by more than its noise for
+    # `patience` evaluations (train.steps is then the ceiling); "steps": train.steps
+    until: Literal["steps", "converged"] = "steps"
+    patience: int = Field(3, ge=1)
     # metrics tracking of every training run: TensorBoard event files in <run>/tensorboard/,
-    # MLflow runs in tracking_uri (None: a local file:<run>/mlruns); docs/tracking.md
+    # MLflow runs in tracking_uri (None: sqlite in <run>/mlruns/); docs/tracking.md
     tracking: list[Literal["tensorboard", "mlflow"]] = []
     tracking_uri: str | None = None
     fail_at_step: int | None = Field(None, ge=1)  # testing: raise once at this step if ...
@@ -162,6 +185,12 @@ class TrainConfig(Section):
                 f"train.batch_size={self.batch_size} must be a multiple of "
                 f"max(1, train.num_workers) * train.grad_accum = {per_step}"
             )
+        if self.infobatch.enabled and self.epochs is None:
+            raise ValueError(
+                "train.infobatch needs train.epochs: its saving is fewer steps per epoch"
+            )
+        if self.until == "converged" and self.eval_every is None:
+            raise ValueError("train.until=converged needs train.eval_every (the curve it reads)")
         if (self.fail_at_step is None) != (self.fail_flag is None):
             raise ValueError("train.fail_at_step and train.fail_flag are set together")
         return self
@@ -171,8 +200,10 @@ class ReferenceConfig(Section):
     """The reference DM that DRO reweighting compares against (stage `reference`)."""
 
     pretrained: str | None = None  # diffusers UNet2DModel folder (or one with unet/); None: train
-    data: Literal["subset", "full"] = "subset"  # what a trained reference learns from
-    steps: int | None = Field(None, ge=1)  # None: 3.5% of train.steps
+    # what a trained reference learns from: DoReMi's reference learns the full data with
+    # uniform class weights ("subset": the select stage's rows)
+    data: Literal["subset", "full"] = "full"
+    steps: int | None = Field(None, ge=1)  # None: from reweight.budget (as many as the proxy)
     batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
 
 
@@ -182,8 +213,31 @@ class ReweightConfig(Section):
     enabled: bool = True
     eta: float = Field(1.0, gt=0.0)  # exponentiated-gradient step size
     smoothing: float = Field(1e-3, ge=0.0, lt=1.0)  # mix with uniform: (1 - c) a + c / K
-    steps: int | None = Field(None, ge=1)  # proxy steps; None: 3.5% of train.steps
+    # reference + proxy training FLOPs as a share of the final model's (train.steps); sets
+    # their steps unless reference.steps / reweight.steps are given
+    budget: float = Field(0.08, gt=0.0, le=1.0)
+    # model.* overrides of the small architecture reference and proxy share; None: half the
+    # widths of model.block_out_channels
+    proxy_model: dict[str, Any] | None = None
+    # excess loss of a class before its first batch; None: the zero predictor's loss
+    initial_excess: float | None = Field(None, ge=0.0)
+    steps: int | None = Field(None, ge=1)  # proxy steps; None: from reweight.budget
     batch_size: int | None = Field(None, ge=1)  # None: train.batch_size
+
+
+class ExtraSpace(Section):
+    """A further feature space for the distances (`evaluate.extra_spaces`), from local weights.
+
+    Its distances are named for it, `FD_<name>` and `KD_<name>_mean/std`, never FID/KID.
+    """
+
+    encoder: Literal["clip", "dinov2", "vit"]
+    model: str  # a local folder or a Hugging Face hub-cache name; never downloaded
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # None: the encoder
+
+    @property
+    def label(self) -> str:
+        return self.name or self.encoder
 
 
 class EvaluateConfig(Section):
@@ -199,13 +253,28 @@ class EvaluateConfig(Section):
     classifier_epochs: int = Field(10, ge=1)
     classifier_max_images: int = Field(50_000, ge=10)
     max_real: int | None = Field(None, ge=2)  # real images measured (None: the whole source)
-    manifold_samples: int = Field(10_000, ge=2)  # per side, for precision/recall/density/coverage
-    nearest_k: int = Field(5, ge=1)
+    manifold_samples: int = Field(10_000, ge=2)  # per side: k-NN metrics and KID use these
+    nearest_k: int = Field(3, ge=1)  # precision/recall (Kynkaanniemi et al. 2019: k = 3)
+    coverage_k: int = Field(5, ge=1)  # density/coverage (Naeem et al. 2020: k = 5)
+    kid_subsets: int = Field(100, ge=1)  # KID: mean/std over this many random subsets
+    kid_subset_size: int = Field(1000, ge=2)  # rows per side per subset (fewer if fewer samples)
+    extra_spaces: list[ExtraSpace] = []  # further Frechet/kernel distances (FD_<name>)
     batch_size: int = Field(256, ge=1)  # images per sampling call (one share) / feature batch
     actors: int = Field(1, ge=1)
     gpus_per_actor: float | None = Field(None, ge=0.0, le=8.0)  # None: 1 if the cluster has GPUs
     grid_columns: int = Field(10, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_spaces(self) -> EvaluateConfig:
+        labels = [space.label for space in self.extra_spaces]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"evaluate.extra_spaces: names must be unique, {', '.join(repeated)} repeats "
+                "(give each entry a distinct `name`)"
+            )
+        return self
 
 
 class TDCConfig(Section):
@@ -219,15 +288,28 @@ class TDCConfig(Section):
     k: float = Field(0.5, gt=0.0, le=1.0)  # smallest group's relative FLOPs
     smallest: Literal["noisiest", "cleanest"] = "noisiest"
     proxy: Literal["optuna", "llm"] = "optuna"
-    rounds: int = Field(4, ge=1)  # proxy rounds per group
+    rounds: int = Field(8, ge=1)  # proxy rounds per group (memory bank rounds included)
+    startup_rounds: int = Field(2, ge=0)  # random Optuna rounds before TPE (>= rounds: random)
+    resume_search: bool = True  # continue the group's memory bank of an earlier run
     llm_base_url: str | None = None  # OpenAI-compatible endpoint (proxy=llm)
     llm_model: str | None = None
     llm_api_key_env: str | None = None  # environment variable holding the key
+    taylor_images: int = Field(64, ge=1)  # images for Taylor importance
+    taylor_timesteps: int = Field(16, ge=1)  # timesteps spread over the group, per image
+    taylor_threshold: float = Field(0.0, ge=0.0, lt=1.0)  # Diff-Pruning's thr; 0: whole group
     score_steps: int = Field(20, ge=0)  # fine-tune steps when scoring a candidate
-    score_images: int = Field(256, ge=4)  # images for Taylor importance and scoring
-    finetune_steps: int = Field(500, ge=1)  # stage 2 steps per group (train.* otherwise)
+    score_images: int = Field(256, ge=1)  # images for a candidate's fine-tune
+    score_heldout: int = Field(256, ge=1)  # held-out images for a candidate's score
+    # the single model's budget (train.steps' FLOPs) is split: stage 1 (the train stage)
+    # trains for this share of train.steps, the search and stage 2 share the rest
+    stage1_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    finetune_steps: int | None = Field(None, ge=1)  # stage 2 steps per group; None: the rest
     finetune_lr: float | None = Field(None, gt=0.0)  # stage 2 peak lr; None: train.lr
     parallel_groups: int | None = Field(None, ge=1)  # stage-2 runs at once; None: what fits
+
+    def stage1_steps(self, train_steps: int) -> int:
+        """Stage 1's share of the single model's `train.steps` (at least 1)."""
+        return max(1, round(train_steps * self.stage1_fraction))
 
     @model_validator(mode="after")
     def _check(self) -> TDCConfig:
@@ -317,6 +399,12 @@ class Config(Section):
     tdc: TDCConfig = TDCConfig()
     tune: TuneConfig = TuneConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _hflip_pixels(self) -> Config:
+        if self.train.hflip and self.model.latent:
+            raise ValueError("train.hflip flips images; it cannot be used with model.latent")
+        return self
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -143,6 +143,8 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "skipped": len(skipped),
         "skipped_examples": [{"id": i, "reason": r} for i, r in skipped[:20]],
         "dim": dim,
+        "encoder": emb.encoder,  # the evaluate stage warns when FID uses these same weights
+        "model": emb.model,
         "classes": source.classes,
         "summary": summary,
     }

@@ -54,7 +54,7 @@ def stage_key(stage: Stage, cfg: Config, store: RunStore) -> dict[str, Any]:
             if hasattr(getattr(cfg, s), "model_dump")
             else getattr(cfg, s)
         )
-        for s in stage.sections
+        for s in (*stage.sections, *stage.extra_sections(cfg))
     }
     config_hash = hash_json(sections)
     return {"config_hash": config_hash, "inputs": inputs, "key": hash_json([config_hash, inputs])}
@@ -124,7 +124,9 @@ def run_stage(
     store.clear(name)
     started = time.time()
     log.info("%s: running", name)
-    ctx = StageContext(inputs=dict(key["inputs"]), train_callbacks=tuple(train_callbacks))
+    from dedt_ray.evaluate.scorer import make_scorer
+
+    ctx = StageContext(dict(key["inputs"]), tuple(train_callbacks), curve_scorer=make_scorer)
     try:
         result = stage.load()(cfg, store, ctx)
     except BaseException as exc:

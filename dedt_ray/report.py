@@ -42,6 +42,7 @@ class RunArtifacts:
     select_png: bytes | None = None
     reweight_pngs: dict[str, bytes] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # <stage>/curve.parquet
     metrics: dict[str, Any] | None = None
     per_class: dict[str, Any] | None = None
     samples_png: bytes | None = None
@@ -91,6 +92,12 @@ def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifac
                 art.reweight_pngs[name] = store.read_bytes("reweight", name)
     if "train" in art.manifests:
         art.history = read_history(store)
+    for stage in ("train", "tdc"):
+        data = _maybe_bytes(store, stage, "curve.parquet") if stage in art.manifests else None
+        if data is not None:
+            import pyarrow.parquet as pq
+
+            art.curves[stage] = pq.read_table(io.BytesIO(data)).to_pylist()
     if "evaluate" in art.manifests:
         if store.exists("evaluate", "metrics.json"):
             art.metrics = store.read_json("evaluate", "metrics.json")
@@ -284,7 +291,28 @@ def training_section(run: RunArtifacts, baseline: RunArtifacts | None) -> str:
     rows = [[k, m.get(k)] for k in keys if k in m]
     if rows:
         body += _table("training", ["quantity", "value"], rows)
-    return _section("training", "Training", body)
+    return _section("training", "Training", body + curve_html(run))
+
+
+def curve_html(run: RunArtifacts) -> str:
+    """Quality along training (train.eval_every): the metric against training FLOPs."""
+    curve = (run.manifests.get("train") or {}).get("curve")
+    if not run.curves or not curve or not curve.get("metric"):
+        return ""
+    from dedt_ray.plots import curves_png
+
+    names = {"train": "train", "tdc": "TDC stage 2 (routed model)"}
+    png = curves_png({names[k]: v for k, v in run.curves.items()}, curve["metric"],
+                     curve.get("noise_floor"))  # fmt: skip
+    stopped = run.manifests["train"].get("stopped")
+    text = (
+        f"<h3>Quality along training</h3><p>{_e(curve['metric'])} of the EMA model every "
+        f"evaluation ({curve['points']} points; noise of one evaluation {fmt(curve['noise'])}, "
+        f"real vs real at the same sample count {fmt(curve.get('noise_floor'))}). "
+        + (f"Stopped early: {_e(stopped)}." if stopped else "")
+        + "</p>"
+    )
+    return text + _img(png, "quality against training FLOPs")
 
 
 def samples_section(run: RunArtifacts) -> str:

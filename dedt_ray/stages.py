@@ -26,6 +26,9 @@ class StageContext:
 
     inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> its output_id
     train_callbacks: tuple[Any, ...] = ()  # ray.train UserCallbacks of the `train` stage's fit
+    # starts the actor that scores a training run's curve (train.eval_every); the pipeline
+    # passes `dedt_ray.evaluate.scorer.make_scorer`
+    curve_scorer: Callable[..., Any] | None = None
 
 
 StageFn = Callable[[Config, RunStore, StageContext], dict[str, Any]]
@@ -41,6 +44,8 @@ class Stage:
     # upstream stages it reads when the config enables them and they ran (their output then
     # joins the key and `ctx.inputs`, so a changed upstream output reruns this stage)
     optional: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
+    # config sections it reads only in some configs (then they join its key)
+    extra_sections: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     always: bool = False  # rerun every time (the report reads every stage)
     uses_ray: bool = True  # False: runs without connecting to a cluster (the report)
 
@@ -50,6 +55,12 @@ class Stage:
 
 
 TRAINING = ("seed", "data", "model", "train")  # what every training stage depends on
+
+
+def curve_sections(cfg: Config) -> tuple[str, ...]:
+    """A curve along training (train.eval_every) is measured as the evaluate stage measures."""
+    return ("evaluate",) if cfg.train.eval_every else ()
+
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -71,7 +82,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "reference",
             "dedt_ray.reweight.reference:run",
-            (*TRAINING, "reference"),
+            (*TRAINING, "reference", "reweight"),  # reweight: the shared model and budget
             enabled=lambda cfg: cfg.reweight.enabled,
             optional=lambda cfg: (
                 ("select", "latents")
@@ -82,7 +93,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "reweight",
             "dedt_ray.reweight.stage:run",
-            (*TRAINING, "reweight"),
+            (*TRAINING, "reference", "reweight"),  # reference: the planned steps, batch
             inputs=("reference",),
             enabled=lambda cfg: cfg.reweight.enabled,
             optional=lambda cfg: ("select", "latents"),
@@ -90,8 +101,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train",
             "dedt_ray.diffusion.train:run",
-            TRAINING,
+            (*TRAINING, "tdc"),  # tdc: with TDC on, stage 1 trains tdc.stage1_fraction of it
             optional=lambda cfg: ("select", "reweight", "latents"),
+            extra_sections=curve_sections,
         ),
         Stage(
             "tdc",
@@ -104,7 +116,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             "dedt_ray.evaluate.stage:run",
-            ("data", "evaluate", "tdc"),  # tdc: the routed model is evaluated when enabled
+            # tdc: the routed model is evaluated when enabled; embed + select: the warning
+            # when the selection encoder is the metric's network
+            ("data", "evaluate", "tdc", "embed", "select"),
             inputs=("train",),
             optional=lambda cfg: ("tdc",) if cfg.tdc.enabled else (),
         ),

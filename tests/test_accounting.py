@@ -13,13 +13,12 @@ from dedt_ray.diffusion.core import LossConfig, draw_noise
 from dedt_ray.diffusion.export import load_denoiser
 from dedt_ray.diffusion.job import PlainLoss, ScratchModel, hook_key
 from dedt_ray.diffusion.trainer import resume_key
-from dedt_ray.reweight.cost import cost_fraction, dro_cost, train_flops_estimate
+from dedt_ray.reweight.cost import cost_fraction, dro_cost, equal_steps, train_flops_estimate
 from dedt_ray.reweight.dro import DROSpec
 from dedt_ray.tdc.budget import (
-    SCORE_BATCH,
-    TAYLOR_BATCHES,
     sampling_totals,
     search_flops,
+    stage2_steps,
     training_totals,
 )
 from dedt_ray.tdc.pruning import PrunedModel
@@ -34,18 +33,31 @@ def test_training_totals_against_the_baseline() -> None:
     assert training_totals(1, 0, 0, 0)["ratio_to_baseline"] is None
 
 
+def test_stage2_steps_fill_what_the_budget_leaves() -> None:
+    # baseline 1000, stage 1 500, search 60: 440 left for groups of 100 + 60 FLOPs per step
+    assert stage2_steps(1000, 500, 60, [100, 60]) == 2
+    steps = stage2_steps(1000, 500, 60, [100, 60])
+    assert training_totals(500, 60, steps * 160, 1000)["within_baseline"]
+    assert not training_totals(500, 60, (steps + 1) * 160, 1000)["within_baseline"]
+    assert stage2_steps(1000, 900, 200, [100]) == 0  # nothing left
+    assert load_config(None, ["tdc.stage1_fraction=0.3"]).tdc.stage1_steps(1000) == 300
+    with pytest.raises(ValueError):
+        stage2_steps(1000, 0, 0, [0])
+
+
 def test_sampling_totals_ratio() -> None:
     out = sampling_totals(routed_flops_per_image=750, base_fwd=20, n_timesteps=50)
     assert out["single_flops_per_image"] == 1000 and out["ratio"] == pytest.approx(0.75)
 
 
 def test_search_flops_by_hand() -> None:
-    # 20 images: 5 held out, 15 fine-tuned on; batch min(16, 15) = 15; one failed round
-    base, cands, steps = 1000, [400, None, 600], 3
-    taylor = 3 * base * TAYLOR_BATCHES * min(SCORE_BATCH, 20)
-    scored = sum(3 * f * steps * 15 + f * 5 for f in (400, 600))
-    assert search_flops(base, cands, 20, steps) == taylor + scored
-    assert search_flops(base, [], 20, steps) == taylor
+    # 64 Taylor (image, t) pairs; candidates fine-tuned 3 steps of 16 images, 20 held out;
+    # the failed round (None) ran nothing
+    base, cands = 1000, [400, None, 600]
+    taylor = 3 * base * 64
+    scored = sum(3 * f * 3 * 16 + f * 20 for f in (400, 600))
+    assert search_flops(base, 64, cands, 3, 16, 20) == taylor + scored
+    assert search_flops(base, 64, [], 3, 16, 20) == taylor
 
 
 def test_dro_cost_by_hand() -> None:
@@ -65,6 +77,8 @@ def test_dro_cost_by_hand() -> None:
     estimate = train_flops_estimate(100, 30, train_batch=64, measured_batch=32)
     assert estimate == 6000 and cost_fraction(cost.total, estimate) == pytest.approx(0.23)
     assert cost_fraction(5, 0.0) is None
+    # equal reference and proxy steps: 0.08 x 1e6 FLOPs over 700 FLOPs per (ref + proxy) pair
+    assert equal_steps(0.08, 1e6, 700) == 114 and equal_steps(0.08, 1e3, 700) == 1
 
 
 def test_noise_draw_order_is_t_noise_labels() -> None:

@@ -15,6 +15,26 @@ def test_defaults_and_preset_load(tmp_path):
         assert load_config(preset).data.path
 
 
+def test_cifar10_preset_is_the_ddpm_setup():
+    from dedt_ray.diffusion.models import ModelSpec, build_unet
+
+    cfg = load_config("configs/cifar10.yaml")
+    unet = build_unet(cfg.model, ModelSpec(32, 3, 0))
+    assert 35.6e6 < sum(p.numel() for p in unet.parameters()) < 35.9e6  # DDPM: 35.7M
+    t = cfg.train
+    assert (t.lr, t.warmup_steps, t.batch_size, t.ema_decay, t.hflip) == (
+        2e-4,
+        5000,
+        128,
+        0.9999,
+        True,
+    )
+    assert cfg.model.dropout == 0.1 and cfg.evaluate.num_samples == 50_000
+    assert cfg.embed.encoder != "inception"  # the selection space is not the FID space
+    smoke = load_config("configs/cifar10-smoke.yaml")
+    assert smoke.data.source == "cifar10" and smoke.train.steps <= 500 and smoke.train.hflip
+
+
 def test_dotted_overrides_apply_with_yaml_types():
     cfg = load_config("configs/default.yaml", ["data.image_size=8", "select.keep_ratio=0.3"])
     assert cfg.data.image_size == 8

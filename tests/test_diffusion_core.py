@@ -12,7 +12,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from dedt_ray.artifacts import read_class_weights
-from dedt_ray.config import ModelConfig
+from dedt_ray.config import ConfigError, ModelConfig, load_config
 from dedt_ray.diffusion.core import (
     LossConfig,
     build_lr_scheduler,
@@ -343,3 +343,16 @@ def test_sample_labels():
     assert sample_labels(2, None, {"num_classes": 0}) is None
     with pytest.raises(ValueError):
         sample_labels(2, "z", info)
+
+
+def test_random_hflip_is_seeded_and_flips_whole_images():
+    from dedt_ray.diffusion.worker import random_hflip
+
+    x = torch.randn(64, 1, 4, 6)
+    out = random_hflip(x, 7)
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)])
+    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, x, strict=True)])
+    assert bool((mirrored | same).all()) and 16 < int(mirrored.sum()) < 48
+    assert torch.equal(random_hflip(x, 7), out) and not torch.equal(random_hflip(x, 8), out)
+    with pytest.raises(ConfigError, match="hflip"):
+        load_config(None, ["train.hflip=true", "model.latent=true", "model.vae=v"])

@@ -8,26 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import random_inception, save_clip, save_dinov2
+from tiny_models import vision_config as _vision
 
 from dedt_ray.encoders import ENCODERS, Encoder, Preprocessor, build_encoder, build_preprocessor
-from dedt_ray.encoders.inception import FIDInceptionV3
 
 MODEL_ENCODERS = ["clip", "clip_full", "clip_tower", "dinov2", "vit", "vae", "inception"]
 
 
 def _images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-
-
-def _vision(**extra: int) -> dict[str, int]:
-    return dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        **extra,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +27,22 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from safetensors.torch import save_file
     from transformers import (
         CLIPConfig,
-        CLIPImageProcessor,
         CLIPModel,
         CLIPVisionConfig,
         CLIPVisionModel,
-        CLIPVisionModelWithProjection,
-        Dinov2Config,
-        Dinov2Model,
         ViTConfig,
         ViTModel,
     )
 
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
+    save_clip(root / "clip")
     clip = _vision(intermediate_size=37, projection_dim=16)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**clip)).save_pretrained(root / "clip")
-    CLIPImageProcessor(
-        size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(root / "clip")
     CLIPVisionModel(CLIPVisionConfig(**clip)).save_pretrained(root / "clip_tower")
     text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2)
     text |= dict(num_attention_heads=2, max_position_embeddings=16)
     full = CLIPConfig(text_config=text, vision_config=clip, projection_dim=16)
     CLIPModel(full).save_pretrained(root / "clip_full")
-    Dinov2Model(Dinov2Config(**_vision(mlp_ratio=2))).save_pretrained(root / "dinov2")
+    save_dinov2(root / "dinov2")
     ViTModel(ViTConfig(**_vision(intermediate_size=37))).save_pretrained(root / "vit")
     AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -72,11 +54,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         sample_size=32,
     ).save_pretrained(root / "pipeline" / "vae")  # a pipeline folder: the VAE is in vae/
 
-    inception = FIDInceptionV3()
-    for module in inception.modules():  # keep activations from vanishing over 90-odd layers
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    state = inception.state_dict()
+    state = random_inception()
     torch.save(state, root / "pt_inception.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, root / "inception.safetensors")
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -12,17 +13,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import save_clip, save_dinov2, save_inception
 
 from dedt_ray.config import load_config
 from dedt_ray.evaluate import (
     FeatureAccumulator,
     FeatureExtractor,
     FeatureSpace,
+    MetricSettings,
     Reservoir,
     ShareSampler,
     classifier_name,
     compute_metrics,
     conform_images,
+    kernel_distance,
+    kernel_name,
     metric_name,
     plan_shares,
     samples_grid,
@@ -96,7 +101,10 @@ def _classifier_space(seed: int = 0) -> FeatureSpace:
 def test_metric_names_carry_the_feature_space() -> None:
     assert metric_name("inception", "inception") == "FID"
     assert metric_name("classifier", "digits-cnn") == "FD_digits-cnn"
-    assert _classifier_space().metric == "FD_toy-cnn"
+    assert metric_name("dinov2", "dinov2") == "FD_dinov2"
+    assert kernel_name("inception", "inception") == "KID"
+    assert kernel_name("clip", "clip-l14") == "KD_clip-l14"
+    assert _classifier_space().metric == "FD_toy-cnn" and _classifier_space().kernel == "KD_toy-cnn"
     assert classifier_name("digits", None) == "digits-cnn"
     assert classifier_name("cifar10", "/data/cifar-10-batches-py") == "cifar10-cnn"
     assert classifier_name("image_folder", "/data/My Pets/") == "my-pets-cnn"
@@ -146,24 +154,36 @@ def test_compute_metrics_identical_shifted_and_too_few(one_thread: None) -> None
     real = acc(x, y, halves=True)
     assert real.count == 600 and real.class_counts == {0: 200, 1: 200, 2: 200}
     np.testing.assert_allclose(real.total.cov, np.cov(x, rowvar=False), rtol=1e-9)
-    same, rows, notes = compute_metrics(real, acc(x.copy(), y, batches=2), "FD_toy", k=3)
+    settings = MetricSettings(nearest_k=3, kid_subsets=10, kid_subset_size=100)
+    same, rows, notes = compute_metrics(
+        real, acc(x.copy(), y, batches=2), "FD_toy", "KD_toy", settings
+    )
     assert abs(same["FD_toy"]) < 1e-8 and abs(same["FD_toy_class_mean"]) < 1e-8
     assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["coverage"] == 1.0
     assert 0 < same["FD_toy_real_halves"] < 1.0  # sampling noise of two halves of 600
     assert not notes and [r["label"] for r in rows] == [0, 1, 2]
+    # KID on the reservoirs (300 rows each, subsets of 100): about 0 for the same data
+    assert abs(same["KD_toy_mean"]) < 3 * same["KD_toy_std"] + 1e-12
+    assert same["KD_toy_mean"] == kernel_distance(real.subset.rows, real.subset.rows, 10, 100)[0]
 
     shifted = x.copy()
     shifted[y == 1] += 2.0  # class 1 moves by 2 in each of 4 dims: FD 16 for that class
-    m, rows, _ = compute_metrics(real, acc(shifted, y), "FD_toy", k=3)
+    m, rows, _ = compute_metrics(real, acc(shifted, y), "FD_toy", "KD_toy", settings)
     by_class = {r["label"]: r["value"] for r in rows}
     assert by_class[1] == pytest.approx(16.0, rel=1e-6) and abs(by_class[0]) < 1e-8
     assert m["FD_toy_class_mean"] == pytest.approx(16.0 / 3, rel=1e-6)
     assert m["FD_toy"] > 1.0 and m["precision"] < 1.0
+    kid_by_class = {r["label"]: r["kid"] for r in rows}
+    assert kid_by_class[1] > 10 * max(abs(kid_by_class[0]), abs(kid_by_class[2]))
+    assert m["KD_toy_mean"] > 3 * m["KD_toy_std"] > 0
+    assert m["KD_toy_class_mean"] == pytest.approx(np.mean(list(kid_by_class.values())))
 
     tiny = FeatureAccumulator(10).add(x[:2], y[:2], keys[:2])
-    m, _, notes = compute_metrics(real, tiny, "FD_toy", k=3)
-    assert m["precision"] is None and any("k-NN" in n for n in notes)
-    assert math.isfinite(m["FD_toy"])
+    m, _, notes = compute_metrics(real, tiny, "FD_toy", "KD_toy", settings)
+    assert m["precision"] is None and any("precision/recall need" in n for n in notes)
+    assert math.isfinite(m["FD_toy"]) and math.isfinite(m["KD_toy_mean"])
+    m, _, _ = compute_metrics(real, acc(shifted, y), "FD_toy", "KD_toy", settings, manifold=False)
+    assert "precision" not in m and "coverage" not in m
 
 
 def test_classifier_learns_and_round_trips(one_thread: None) -> None:
@@ -250,43 +270,81 @@ def _fake_train(store: RunStore, num_classes: int | None) -> None:
 
 @pytest.fixture(scope="module")
 def evaluated(ray_cluster, tmp_path_factory):
-    """One conditional evaluate run on 8 px digits (fallback feature space), then a rerun."""
+    """One conditional evaluate run on 8 px digits (fallback feature space, plus tiny random
+    CLIP and DINOv2 spaces; the subset "selected" with that DINOv2), then a rerun."""
     from dedt_ray.pipeline import run_stage
 
-    store = RunStore(str(tmp_path_factory.mktemp("eval") / "run"))
+    root = tmp_path_factory.mktemp("eval")
+    clip, dinov2 = save_clip(root / "clip"), save_dinov2(root / "dinov2")
+    store = RunStore(str(root / "run"))
     _fake_train(store, num_classes=10)
+    store.write_manifest(
+        "embed", {"output_id": "e0", "rows": 400, "encoder": "dinov2", "model": str(dinov2)}
+    )
     cfg = load_config(
         None,
         ["data.image_size=8", "data.limit=400", "evaluate.samples_per_class=12",
          "evaluate.num_inference_steps=2", "evaluate.classifier_epochs=2",
          "evaluate.batch_size=64", "evaluate.grid_columns=6", "evaluate.nearest_k=3",
-         "evaluate.inception_weights=/nonexistent/pt_inception.pth"],
+         "evaluate.kid_subsets=20", "evaluate.inception_weights=/nonexistent/pt_inception.pth",
+         f"evaluate.extra_spaces=[{{encoder: clip, model: '{clip}'}}, "
+         f"{{encoder: dinov2, model: '{dinov2}'}}]"],
     )  # fmt: skip
-    first = run_stage("evaluate", cfg, store)
+    warnings = _Records()
+    logging.getLogger("dedt_ray").addHandler(warnings)
+    try:
+        first = run_stage("evaluate", cfg, store)
+    finally:
+        logging.getLogger("dedt_ray").removeHandler(warnings)
     metrics = store.read_json("evaluate", "metrics.json")
     weights = next(Path(store.path("classifier")).glob("*/model.safetensors"))
     stamp = os.stat(weights).st_mtime_ns
     again = run_stage("evaluate", cfg, store, force=True)
     return {
         "store": store, "cfg": cfg, "first": first, "again": again, "metrics": metrics,
-        "weights": weights, "stamp": stamp,
+        "weights": weights, "stamp": stamp, "warnings": warnings.messages,
     }  # fmt: skip
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_evaluate_stage_metrics(evaluated) -> None:
     store, m = evaluated["store"], evaluated["metrics"]
     assert m["metric"] == "FD_digits-cnn" and m["feature_space"]["kind"] == "classifier"
-    assert not any("FID" in key for key in m["metrics"])  # a fallback is never called FID
+    assert not any("FID" in key or "KID" in key for key in m["metrics"])  # never, in a fallback
+    spaces = (
+        "FD_clip",
+        "KD_clip_mean",
+        "KD_clip_std",
+        "FD_clip_real_halves",
+        "FD_dinov2",
+        "KD_dinov2_mean",
+        "KD_dinov2_std",
+        "FD_dinov2_real_halves",
+    )
     assert set(m["metrics"]) == {
         "FD_digits-cnn", "FD_digits-cnn_class_mean", "FD_digits-cnn_real_halves",
-        "precision", "recall", "density", "coverage",
+        "KD_digits-cnn_mean", "KD_digits-cnn_std", "KD_digits-cnn_class_mean",
+        "precision", "recall", "density", "coverage", *spaces,
     }  # fmt: skip
     values = m["metrics"]
     assert all(isinstance(v, float) and math.isfinite(v) for v in values.values())
     for k in ("precision", "recall", "coverage"):
         assert 0.0 <= values[k] <= 1.0
     # random weights are far from the data; two halves of the real data are close
-    assert values["FD_digits-cnn"] > 3 * values["FD_digits-cnn_real_halves"]
+    for fd in ("FD_digits-cnn", "FD_clip", "FD_dinov2"):
+        assert values[fd] > 3 * values[f"{fd}_real_halves"]
+    for kd in ("KD_digits-cnn", "KD_clip", "KD_dinov2"):
+        assert values[f"{kd}_mean"] > 3 * values[f"{kd}_std"]
+    assert [s["metric"] for s in m["extra_spaces"]] == ["FD_clip", "FD_dinov2"]
+    assert m["samples"]["kid_subset_size"] == 120 and m["samples"]["kid_subsets"] == 20
     assert m["samples"]["generated"] == 120 and m["samples"]["real"] == 400
     assert m["sampling"]["flops_per_image"] > 0 and m["sampling"]["num_inference_steps"] == 2
     assert m["feature_space"]["val_accuracy"] > 0.5  # the classifier learnt the digits
@@ -296,6 +354,7 @@ def test_evaluate_stage_metrics(evaluated) -> None:
     assert [c["label"] for c in per_class["classes"]] == list(range(10))
     assert all(c["generated"] == 12 and c["real"] > 10 for c in per_class["classes"])
     assert [c["name"] for c in per_class["classes"]][:2] == ["c0", "c1"]
+    assert all(math.isfinite(c["kid"]) for c in per_class["classes"])
     assert sum(c["real"] for c in per_class["classes"]) == 400
 
     png = Image.open(io.BytesIO(store.read_bytes("evaluate", "samples.png")))
@@ -304,6 +363,16 @@ def test_evaluate_stage_metrics(evaluated) -> None:
     assert png.width > 6 * (cell + 4)  # six columns plus the class-name margin
     assert evaluated["first"]["metric"] == "FD_digits-cnn"
     assert "FD_digits-cnn" in evaluated["first"]["summary"]
+
+
+def test_evaluate_warns_when_a_metric_uses_the_selection_encoder(evaluated) -> None:
+    """Selection with DINOv2 and an FD_dinov2 in the same weights: a note and a log warning,
+    for that space only."""
+    notes = evaluated["metrics"]["notes"]
+    confounded = [n for n in notes if "selection encoder" in n]
+    assert len(confounded) == 1 and confounded[0].startswith("FD_dinov2 and KD_dinov2")
+    assert any("FD_dinov2 and KD_dinov2" in w for w in evaluated["warnings"])
+    assert not any("FD_clip" in n or "FD_digits-cnn" in n for n in confounded)
 
 
 def test_evaluate_rerun_reuses_classifier_and_is_deterministic(evaluated) -> None:
@@ -335,19 +404,14 @@ def test_evaluate_then_report_numbers_match(evaluated) -> None:
         assert float(shown[name][0]) == pytest.approx(value, rel=1e-5)
         assert float(shown[name][1]) == value  # data-value holds the exact number
     assert "FID" not in page.replace("not FID", "")
+    assert "FD_dinov2 and KD_dinov2 are measured with the selection encoder" in page
 
 
 def test_auto_picks_inception_when_its_weights_exist(tmp_path: Path, one_thread: None) -> None:
     """With the weights file present, `auto` measures real FID (random weights here)."""
-    from dedt_ray.encoders.inception import FIDInceptionV3
     from dedt_ray.evaluate.stage import resolve_feature_space
 
-    net = FIDInceptionV3()
-    for module in net.modules():  # keep activations alive through 90-odd random layers
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    weights = tmp_path / "pt_inception.pth"
-    torch.save(net.state_dict(), weights)
+    weights = save_inception(tmp_path / "pt_inception.pth")
     cfg = load_config(None, ["data.image_size=8", f"evaluate.inception_weights={weights}"])
     store = RunStore(str(tmp_path / "run"))
     space, source = resolve_feature_space(cfg, store, 0.0)
@@ -366,3 +430,67 @@ def test_inception_requested_but_missing(tmp_path: Path) -> None:
     )
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         resolve_feature_space(cfg, RunStore(str(tmp_path / "run")), 0.0)
+
+
+def test_confound_warning_for_inception_selection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """embed.encoder=inception with FID's own weights file (or a copy of it) is flagged."""
+    import shutil
+
+    from dedt_ray.evaluate.spaces import confound_notes, same_weights, selection_encoder
+    from dedt_ray.evaluate.stage import resolve_feature_space, selection_notes
+
+    weights = save_inception(tmp_path / "pt_inception.pth")
+    copy = shutil.copy(weights, tmp_path / "copy.pth")
+    other = save_inception(tmp_path / "other" / "other.pth", seed=1)
+    cfg = load_config(
+        None,
+        ["data.image_size=8", f"evaluate.inception_weights={weights}",
+         "embed.encoder=inception", f"embed.model={copy}"],
+    )  # fmt: skip
+    store = RunStore(str(tmp_path / "run"))
+    space, _ = resolve_feature_space(cfg, store, 0.0)
+    with caplog.at_level(logging.WARNING, logger="dedt_ray"):
+        notes = selection_notes(cfg, store, [space])  # no embed manifest: the config says
+    assert len(notes) == 1 and notes[0].startswith("FID and KID are measured with")
+    assert "Kynkaanniemi" in notes[0] and any("FID and KID" in r.message for r in caplog.records)
+
+    assert same_weights("inception", str(weights), "inception", str(weights))
+    assert not same_weights("inception", str(other), "inception", str(weights))
+    assert not same_weights("clip", str(weights), "inception", str(weights))
+    # weights not on this machine: their names decide
+    assert same_weights("inception", "/elsewhere/pt_inception.pth", "inception", str(weights))
+    assert not confound_notes(("inception", str(other)), [space])
+    assert not confound_notes(None, [space])
+
+    # the embed manifest (what ran) wins over the config; no selection, no confound
+    assert selection_encoder(cfg, {"encoder": "clip", "model": "/m/clip"}) == ("clip", "/m/clip")
+    assert selection_encoder(cfg, None) == ("inception", str(copy))
+    unselected = load_config(None, ["select.enabled=false"])
+    assert selection_encoder(unselected, {"encoder": "inception", "model": "x"}) is None
+
+
+def test_extra_spaces_config_and_missing_weights(tmp_path: Path) -> None:
+    from dedt_ray.config import ConfigError
+    from dedt_ray.evaluate.spaces import extra_spaces
+
+    dinov2 = save_dinov2(tmp_path / "dinov2")
+    cfg = load_config(None, [f"evaluate.extra_spaces=[{{encoder: dinov2, model: '{dinov2}'}}]"])
+    (space,) = extra_spaces(cfg.evaluate, 1, 8)
+    assert (space.kind, space.metric, space.kernel) == ("dinov2", "FD_dinov2", "KD_dinov2")
+    feats = FeatureExtractor(space)(_blobs(2)[0])  # grey 8 px, conformed and repeated to RGB
+    assert feats.shape == (6, 32) and np.isfinite(feats).all()
+
+    twice = f"[{{encoder: dinov2, model: '{dinov2}'}}, {{encoder: dinov2, model: x}}]"
+    with pytest.raises(ConfigError, match="unique, dinov2 repeats"):
+        load_config(None, [f"evaluate.extra_spaces={twice}"])
+    named = f"[{{encoder: dinov2, model: '{dinov2}'}}, {{encoder: dinov2, model: x, name: d2}}]"
+    assert [e.label for e in load_config(None, [f"evaluate.extra_spaces={named}"]).evaluate
+            .extra_spaces] == ["dinov2", "d2"]  # fmt: skip
+    with pytest.raises(ConfigError, match="extra_spaces"):
+        load_config(None, ["evaluate.extra_spaces=[{encoder: inception, model: x}]"])
+    absent = f"[{{encoder: clip, model: '{tmp_path}/no'}}]"
+    missing = load_config(None, [f"evaluate.extra_spaces={absent}"])
+    with pytest.raises(FileNotFoundError, match=r"extra_spaces\[0\].model.*never downloaded"):
+        extra_spaces(missing.evaluate, 1, 8)

@@ -1,4 +1,4 @@
-"""Frechet distance, streaming feature stats, per-class FID and k-NN manifold metrics."""
+"""Frechet distance, streaming feature stats, per-class FID, KID and k-NN manifold metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dedt_ray.evaluate import (
     FeatureStats,
     density_coverage,
     frechet_distance,
+    kernel_distance,
+    mmd2_unbiased,
     per_class_frechet,
     precision_recall,
 )
@@ -196,3 +198,61 @@ def test_manifold_errors() -> None:
         density_coverage(np.ones((10, 2)), np.ones((10, 3)))
     with pytest.raises(ValueError, match="k must be"):
         density_coverage(np.ones((10, 2)), np.ones((10, 2)), k=0)
+
+
+# -- KID -----------------------------------------------------------------------------------
+def _naive_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Binkowski et al.'s unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out."""
+    m, d = len(x), x.shape[1]
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return (sum(float(a[t]) * float(b[t]) for t in range(d)) / d + 1.0) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return xx / (m * (m - 1)) + yy / (m * (m - 1)) - 2 * xy / (m * m)
+
+
+def test_kid_matches_a_direct_computation() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((9, 4)), rng.standard_normal((9, 4)) + 0.5
+    assert mmd2_unbiased(x, y) == pytest.approx(_naive_mmd2(x, y), rel=1e-12)
+
+    # subsets: each draws subset_size rows of each side without replacement (real, then fake)
+    real, fake = rng.standard_normal((30, 4)), rng.standard_normal((25, 4)) * 1.5
+    mean, std, m = kernel_distance(real, fake, subsets=5, subset_size=8, seed=3)
+    draws = np.random.default_rng(3)
+    values = []
+    for _ in range(5):
+        a = real[draws.choice(30, 8, replace=False)]
+        values.append(_naive_mmd2(a, fake[draws.choice(25, 8, replace=False)]))
+    assert m == 8
+    assert mean == pytest.approx(np.mean(values), rel=1e-10)
+    assert std == pytest.approx(np.std(values), rel=1e-10)
+
+
+def test_kid_subset_size_shrinks_and_estimate_is_unbiased() -> None:
+    rng = np.random.default_rng(1)
+    real, fake = rng.standard_normal((12, 3)), rng.standard_normal((7, 3))
+    mean, std, m = kernel_distance(real, fake, subsets=4, subset_size=1000)
+    assert m == 7 and std > 0  # 7 of the 12 real rows differ between subsets
+    _, std_all, _ = kernel_distance(real[:7], fake, subsets=4, subset_size=1000)
+    assert std_all == pytest.approx(0.0, abs=1e-15)  # every subset is both whole sets
+
+    # same distribution: the estimates scatter around 0 (negative ones included), unlike FD
+    same = [kernel_distance(rng.standard_normal((50, 3)), rng.standard_normal((50, 3)),
+                            subsets=1, subset_size=50)[0] for _ in range(200)]  # fmt: skip
+    assert min(same) < 0 < max(same)
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    shifted, _, _ = kernel_distance(rng.standard_normal((50, 3)), rng.standard_normal((50, 3)) + 1)
+    assert shifted > 10 * np.std(same)
+
+
+def test_kid_errors() -> None:
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        kernel_distance(np.ones((1, 3)), np.ones((5, 3)))
+    with pytest.raises(ValueError, match="equal widths"):
+        kernel_distance(np.ones((4, 3)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="subsets"):
+        kernel_distance(np.ones((4, 3)), np.ones((4, 3)), subsets=0)

@@ -9,18 +9,21 @@ import pytest
 import torch
 
 from dedt_ray.config import ConfigError, ModelConfig, load_config
-from dedt_ray.diffusion.core import LossConfig, denoising_loss, train_step
+from dedt_ray.diffusion.core import LossConfig, denoising_loss, train_step, zero_prediction_loss
 from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler, build_unet
-from dedt_ray.reweight import DROLoss, GroupDRO
+from dedt_ray.reweight import DROLoss
 from dedt_ray.reweight.checks import (
+    check_reference_classes,
     check_reweight,
     pretrained_unet_dir,
+    proxy_model,
     stage_config,
-    stage_steps,
 )
+from dedt_ray.reweight.plan import plan_dro
 from dedt_ray.smoke import SMOKE_UNET
 
 TINY = SMOKE_UNET
+TINY_OVERRIDES = ["data.image_size=8", "model.block_out_channels=[16,32]"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,19 +63,43 @@ def test_bad_reweight_config_is_rejected(override, key):
 def test_defaults_and_derived_stage_configs():
     cfg = load_config(None, [])
     assert cfg.reweight.enabled and cfg.reweight.eta == 1.0 and cfg.reweight.smoothing == 1e-3
-    steps = round(0.035 * cfg.train.steps)
-    assert stage_steps(cfg, "reference") == stage_steps(cfg, "reweight") == steps
-    rcfg = stage_config(cfg, "reweight")
-    assert rcfg.train.steps == steps and rcfg.train.batch_size == cfg.train.batch_size
-    assert rcfg.train.warmup_steps == min(cfg.train.warmup_steps, steps // 10)
-    assert rcfg.train.class_weighting == "sampling" and rcfg.train.lr == cfg.train.lr
-    assert cfg.train.steps != steps  # the original is untouched
-    cfg = load_config(None, ["reference.steps=7", "reweight.steps=9", "reweight.batch_size=8"])
-    assert stage_config(cfg, "reference").train.steps == 7
-    assert stage_config(cfg, "reweight").train.batch_size == 8
+    assert cfg.reference.data == "full" and cfg.reweight.budget == 0.08  # DoReMi's setup
+    groups = cfg.model.norm_num_groups
+    half = [max(groups, c // 2 // groups * groups) for c in cfg.model.block_out_channels]
+    assert proxy_model(cfg).block_out_channels == half == [8, 16, 32]
+    rcfg = stage_config(cfg, "reweight", 7)
+    assert rcfg.model.block_out_channels == half and rcfg.train.steps == 7
+    assert rcfg.train.batch_size == cfg.train.batch_size and rcfg.train.lr == cfg.train.lr
+    assert rcfg.train.warmup_steps == min(cfg.train.warmup_steps, 7 // 10)
+    assert rcfg.train.class_weighting == "sampling"
+    assert cfg.train.steps != 7 and cfg.model.block_out_channels != half  # untouched
+    cfg = load_config(None, ["reweight.proxy_model={block_out_channels: [16, 16]}"])
+    assert proxy_model(cfg).block_out_channels == [16, 16]
+    with pytest.raises(ConfigError, match="reweight.proxy_model.*block_out_channels"):
+        check_reweight(load_config(None, ["reweight.proxy_model={block_out_channels: [12]}"]))
     with pytest.raises(ConfigError, match="reweight: .*must be a multiple"):
         check_reweight(load_config(None, ["train.num_workers=2", "reweight.batch_size=7"]))
     check_reweight(load_config(None, ["reweight.enabled=false", "reweight.batch_size=7"]))
+
+
+def test_plan_spends_the_budget_on_equal_steps():
+    spec = ModelSpec(8, 1, 10)
+    cfg = load_config(None, [*TINY_OVERRIDES, "train.steps=200", "train.batch_size=16"])
+    plan = plan_dro(cfg, spec)
+    assert plan.reference_steps == plan.proxy_steps > 1
+    pair = plan.reference_step_flops + plan.proxy_step_flops + plan.reference_forward_flops
+    assert plan.proxy_steps == int(0.08 * plan.final_flops // pair)
+    assert plan.planned_fraction <= 0.08 < plan.planned_fraction + pair / plan.final_flops
+    # the small model: about a quarter of the final model's FLOPs (half the widths)
+    final_step = plan.final_flops / cfg.train.steps
+    assert 0.15 < plan.proxy_step_flops / final_step < 0.4
+    longer = load_config(None, [*TINY_OVERRIDES, "train.steps=400", "train.batch_size=16"])
+    assert plan_dro(longer, spec).proxy_steps >= 2 * plan.proxy_steps - 1
+    explicit = load_config(None, [*TINY_OVERRIDES, "reference.steps=3", "reweight.steps=5"])
+    assert (plan_dro(explicit, spec).reference_steps, plan_dro(explicit, spec).proxy_steps) == (
+        3,
+        5,
+    )
 
 
 def _save_unet(path, **kw) -> None:
@@ -113,22 +140,42 @@ def test_cli_exits_2_before_any_ray_work(tmp_path, capsys, override):
 
 
 # -- the DRO proxy loss ------------------------------------------------------------------
-def test_dro_loss_is_one_groupdro_step_on_shared_noise():
+def _hand_update(alpha, lp, lr, labels, eta, c, previous):
+    """DoReMi's step by hand: per-class mean of max(lp - lr, 0) over every sample of the step
+    (absent classes keep `previous`), then softmax(log alpha + eta excess) mixed with uniform."""
+    excess = list(previous)
+    for k in range(len(alpha)):
+        gaps = [max(a - b, 0.0) for a, b, y in zip(lp, lr, labels, strict=True) if y == k]
+        if gaps:
+            excess[k] = sum(gaps) / len(gaps)
+    z = [np.log(a) + eta * e for a, e in zip(alpha, excess, strict=True)]
+    soft = np.exp(np.asarray(z) - max(z))
+    soft = soft / soft.sum()
+    return (1 - c) * soft + c / len(alpha), excess
+
+
+def test_dro_updates_once_per_optimizer_step_from_every_micro_batch():
     proxy, reference = unet(0), unet(1)
     sched = build_noise_scheduler(ModelConfig(**TINY))
-    x0, labels, t, noise = batch()
-    dro = DROLoss(reference, num_classes=3, eta=2.0, smoothing=0.01)
-    loss = dro.loss(proxy, sched, x0, labels, labels, t, noise)
-    with torch.no_grad():  # by hand: the same (x_t, t, noise) for both models
-        lp = denoising_loss(proxy, sched, x0, labels, t, noise)
-        lr = denoising_loss(reference, sched, x0, labels, t, noise)
-    expected = GroupDRO(3, eta=2.0, smoothing=0.01)
-    expected_loss = expected.step(lp, lr, labels)
-    np.testing.assert_allclose(dro.dro.weights, expected.weights, rtol=1e-6)
-    np.testing.assert_allclose(dro.dro.excess, expected.excess, rtol=1e-6)
-    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
-    assert not torch.allclose(dro.dro.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
-    loss.backward()
+    x0, labels, t, noise = batch(12)
+    labels = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 1])  # class 2 is absent
+    dro = DROLoss(reference, num_classes=3, eta=2.0, smoothing=0.01, initial_excess=1.0)
+    halves = (slice(0, 6), slice(6, 12))
+    losses = [dro.loss(proxy, sched, x0[h], labels[h], t[h], noise[h]) for h in halves]
+    np.testing.assert_allclose(dro.dro.weights, 1 / 3)  # no update inside the step
+    dro.after_step(1)
+    with torch.no_grad():  # by hand: the same (x_t, t, noise) and labels for both models
+        lp = denoising_loss(proxy, sched, x0, labels, t, noise).tolist()
+        lr = denoising_loss(reference, sched, x0, labels, t, noise).tolist()
+    want, excess = _hand_update([1 / 3] * 3, lp, lr, labels.tolist(), 2.0, 0.01, [1.0] * 3)
+    np.testing.assert_allclose(dro.dro.weights, want, rtol=1e-6)
+    np.testing.assert_allclose(dro.dro.excess, excess, rtol=1e-6)
+    assert dro.dro.num_updates == 1 and dro.dro.excess[2] == 1.0  # unseen: initial excess
+    assert dro.dro.weights[2] == max(dro.dro.weights)  # not pushed down before it is seen
+    for h, loss in zip(halves, losses, strict=True):  # uniform weights during the step
+        assert loss.item() == pytest.approx(np.mean(lp[h]), rel=1e-5)
+    assert dro.trace()["present"].tolist() == [[1.0, 1.0, 0.0]]
+    sum(losses).backward()
     assert all(p.grad is None for p in reference.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in proxy.parameters())
 
@@ -136,19 +183,19 @@ def test_dro_loss_is_one_groupdro_step_on_shared_noise():
 def test_dro_loss_reference_labels():
     x0, labels, t, noise = batch(6)
     sched = build_noise_scheduler(ModelConfig(**TINY))
-    dropped = torch.tensor([0, 3, 2, 3, 1, 2])  # 3 = the null class
     with_null = DROLoss(unet(1, num_classes=3), 3, 1.0, 0.0)  # 4 embeddings
-    assert torch.equal(with_null._reference_labels(labels, dropped), dropped)
-    assert torch.equal(with_null._reference_labels(labels, None), torch.full((6,), 3))
+    assert torch.equal(with_null._reference_labels(labels, True), labels)  # identical inputs
+    assert torch.equal(with_null._reference_labels(labels, False), torch.full((6,), 3))
     torch.manual_seed(0)
     no_null = build_unet(ModelConfig(**TINY), ModelSpec(8, 1, 3))
     no_null.register_to_config(num_class_embeds=3)
-    assert torch.equal(DROLoss(no_null, 3, 1.0, 0.0)._reference_labels(labels, dropped), labels)
+    assert torch.equal(DROLoss(no_null, 3, 1.0, 0.0)._reference_labels(labels, True), labels)
     uncond = DROLoss(unet(1, num_classes=0), 3, 1.0, 0.0)
-    assert uncond._reference_labels(labels, dropped) is None
+    assert uncond._reference_labels(labels, False) is None
     # an unconditional proxy and reference still group the losses by the true labels
     proxy = unet(0, num_classes=0)
-    uncond.loss(proxy, sched, x0, labels, None, t, noise)
+    uncond.loss(proxy, sched, x0, labels, t, noise)
+    uncond.after_step(1)
     with torch.no_grad():
         gap = denoising_loss(proxy, sched, x0, None, t, noise) - denoising_loss(
             uncond.reference, sched, x0, None, t, noise
@@ -157,6 +204,11 @@ def test_dro_loss_reference_labels():
     np.testing.assert_allclose(uncond.dro.excess, by_class, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="class embeddings"):
         DROLoss(unet(1, num_classes=5), 3, 1.0, 0.0)
+    check_reference_classes(4, 3, True)
+    check_reference_classes(None, 3, False)
+    for embeds, conditional in [(None, True), (3, False), (5, True)]:
+        with pytest.raises(ConfigError, match=f"{embeds} class embeddings.*{3} classes"):
+            check_reference_classes(embeds, 3, conditional)
 
 
 def test_dro_hook_in_train_step_trace_and_state_round_trip():
@@ -170,13 +222,13 @@ def test_dro_hook_in_train_step_trace_and_state_round_trip():
             sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
             micro = [(x0[:6], labels[:6], None), (x0[6:], labels[6:], None)]
             train_step(proxy, sched, opt, sched_lr, micro, g, cfg, 1.0, loss_fn=dro)
-            dro.record(step + 1)
+            dro.after_step(step + 1)
 
     proxy = unet(0)
     opt = torch.optim.Adam(proxy.parameters(), lr=1e-3)
     dro = DROLoss(unet(1), 3, 1.0, 1e-3)
     run(4, dro, proxy, opt)
-    assert dro.dro.num_updates == 8  # one update per micro-batch
+    assert dro.dro.num_updates == 4  # one update per optimizer step, not per micro-batch
     trace = dro.trace()
     assert trace["step"].tolist() == [1, 2, 3, 4] and trace["weight"].shape == (4, 3)
     np.testing.assert_allclose(trace["weight"][-1], dro.dro.weights)
@@ -196,4 +248,18 @@ def test_dro_hook_in_train_step_trace_and_state_round_trip():
     run(4, resumed, proxy2, opt2, start=2)
     for name in ("step", "weight", "average", "excess"):
         np.testing.assert_allclose(resumed.trace()[name], trace[name], rtol=1e-5)
-    assert resumed.dro.num_updates == 8
+    assert resumed.dro.num_updates == 4
+
+
+def test_zero_prediction_loss():
+    eps = build_noise_scheduler(ModelConfig(**TINY))
+    assert zero_prediction_loss(eps) == pytest.approx(1.0)
+    v = build_noise_scheduler(ModelConfig(**TINY, prediction_type="v_prediction"))
+    abar = v.alphas_cumprod.double()
+    assert zero_prediction_loss(v, None, 0.3) == pytest.approx(
+        float((abar + (1 - abar) * 0.3).mean())
+    )
+    assert zero_prediction_loss(v, None, 1.0) == pytest.approx(1.0)
+    snr = abar / (1 - abar)
+    min_snr = (torch.clamp(snr, max=5.0) / snr).mean().item()
+    assert zero_prediction_loss(eps, 5.0) == pytest.approx(min_snr)

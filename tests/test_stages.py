@@ -35,9 +35,10 @@ TINY_PIPELINE = [
     "model.norm_num_groups=8",
     "model.attention_head_dim=8",
     "model.num_train_timesteps=100",
-    "train.steps=4",
+    "train.steps=40",
     "train.batch_size=8",
     "train.warmup_steps=1",
+    "train.hflip=true",
     "train.log_every=2",
     "train.checkpoint_every=4",
     "train.threads_per_worker=1",
@@ -48,7 +49,6 @@ TINY_PIPELINE = [
     "tdc.rounds=1",
     "tdc.score_steps=1",
     "tdc.score_images=16",
-    "tdc.finetune_steps=2",
     "evaluate.samples_per_class=2",
     "evaluate.num_inference_steps=2",
     "evaluate.feature_space=classifier",
@@ -80,6 +80,13 @@ def test_every_stage_reads_only_its_declared_sections(ray_cluster, tmp_path, mon
     assert set(done) == set(read) == set(STAGES) - {"latents"}  # every enabled stage ran
     assert done["evaluate"]["rows"] > 0 and done["tdc"]["rows"] == 2
     for name, sections in read.items():
-        undeclared = sections - set(STAGES[name].sections)
+        undeclared = sections - {*STAGES[name].sections, *STAGES[name].extra_sections(cfg)}
         assert not undeclared, f"stage {name!r} reads undeclared config sections {undeclared}"
     assert read["tdc"] >= {"evaluate", "tdc", "train"}  # the recorder sees real reads
+    # TDC within the single model's budget: stage 1 = half of train.steps, stage 2 the rest
+    assert done["train"]["steps"] == 20 and done["train"]["budget_steps"] == 40
+    flops = done["tdc"]["training_flops"]
+    assert done["tdc"]["stage2_steps_rule"] == "budget" and done["tdc"]["stage2_steps"] >= 1
+    assert (
+        flops["within_baseline"] and flops["baseline_flops"] == 40 * done["train"]["flops_per_step"]
+    )

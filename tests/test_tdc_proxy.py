@@ -1,4 +1,5 @@
-"""Proxy rounds: Optuna (seeded, resumable memory bank), an LLM endpoint with fallback, scoring."""
+"""Proxy rounds: Optuna (seeded, resumable memory bank, better than random proposals), an LLM
+endpoint with fallback, scoring and the search's FLOPs."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from benchmarks import tdc_proxy as synthetic
+from dedt_ray.config import ConfigError, TDCConfig, load_config
+from dedt_ray.tdc.budget import model_flops, search_flops
 from dedt_ray.tdc.denoise import Batch
 from dedt_ray.tdc.proxy import (
     LLMProxy,
@@ -20,6 +25,7 @@ from dedt_ray.tdc.proxy import (
     decide_group,
     denoising_score,
     parse_ratios,
+    search_images,
 )
 from dedt_ray.tdc.pruning import UNetPruner, architecture_table
 
@@ -77,6 +83,40 @@ def test_optuna_proxy_improves_on_a_synthetic_score() -> None:
     # Seeded: the same study proposes the same ratios.
     again = _run(OptunaProxy(BLOCKS, seed=0, n_startup_trials=5), 3)
     assert [r.ratios for r in again] == [r.ratios for r in records[:3]]
+
+
+def test_optuna_proxy_beats_random_proposals_at_the_default_rounds() -> None:
+    """Margin rule: over 100 seeds, the mean of (random's best - the proxy's best) after the
+    default number of rounds must exceed twice its standard error (a one-sided paired test
+    at about 2.5%), and the proxy must do better on more than half of the seeds."""
+    defaults = TDCConfig()
+    n, startup = defaults.rounds, defaults.startup_rounds
+    assert startup < n / 2  # most rounds are proposed from the memory bank
+    seeds = range(100)
+    proxy = np.array([synthetic.best_of_optuna(n, s, startup) for s in seeds])
+    random = np.array([synthetic.best_of_random(n, s) for s in seeds])
+    assert np.isfinite(proxy).all() and np.isfinite(random).all()
+    gain = random - proxy
+    assert gain.mean() > 2 * gain.std(ddof=1) / np.sqrt(len(gain))
+    assert (gain > 0).mean() > 0.5
+
+
+def test_synthetic_objective_fits_the_budget() -> None:
+    uniform = dict.fromkeys(synthetic.BLOCKS, 0.3)
+    achieved = synthetic.fit_to_budget(np.array(list(uniform.values())))
+    assert synthetic._flops(achieved) == pytest.approx(synthetic.BUDGET, abs=1e-9)
+    assert np.allclose(achieved, achieved[0])  # the shape is kept, only scaled
+    # a shape that prunes only one small block cannot reach the budget
+    only_one = np.array([0.5] + [0.0] * (len(synthetic.BLOCKS) - 1))
+    assert synthetic.fit_to_budget(only_one) is None
+    assert synthetic.synthetic_score(dict(zip(synthetic.BLOCKS, only_one, strict=True))) is None
+
+
+def test_startup_rounds_config() -> None:
+    # startup_rounds >= rounds is allowed: a random search (e.g. a quick tdc.rounds=1)
+    assert load_config(None, ["tdc.rounds=1"]).tdc.startup_rounds == 2
+    with pytest.raises(ConfigError, match="tdc.startup_rounds"):
+        load_config(None, ["tdc.startup_rounds=-1"])
 
 
 def test_optuna_memory_bank_persists_and_resumes(tmp_path) -> None:
@@ -227,7 +267,7 @@ def test_denoising_score_is_deterministic_and_fine_tunes_a_copy() -> None:
 
 def test_decide_group_with_llm_and_fallback(fake_llm, tmp_path) -> None:
     model, sched, data = _unet(), DDPMScheduler(num_train_timesteps=1000), _data()
-    pruner = UNetPruner.from_denoising(model, sched, data, (500, 1000), n_batches=1)
+    pruner = UNetPruner.from_denoising(model, sched, data, (500, 1000), n_timesteps=1)
     budget = 0.6 * pruner.base_flops
     server = fake_llm([json.dumps(TARGET), "nope", "nope"])  # round 0 valid, round 1 falls back
     fallback = OptunaProxy(pruner.blocks, tmp_path / "g.db", seed=0)
@@ -247,8 +287,8 @@ def test_decide_group_with_llm_and_fallback(fake_llm, tmp_path) -> None:
     # The memory bank (the SQLite study) holds every round and resumes numbering.
     reopened = OptunaProxy(pruner.blocks, tmp_path / "g.db", seed=0)
     assert [r.proposer for r in reopened.memory_bank()] == [h.proposer for h in history]
-    _, _, more = decide_group(model, (500, 1000), budget, reopened, 1, score, pruner=pruner)
-    assert more[0].round == 3 and more[0].proposer == "optuna"
+    _, _, more = decide_group(model, (500, 1000), budget, reopened, 4, score, pruner=pruner)
+    assert [h.round for h in more] == [0, 1, 2, 3] and more[-1].proposer == "optuna"
 
 
 def test_decide_group_records_failed_rounds() -> None:
@@ -261,3 +301,72 @@ def test_decide_group_records_failed_rounds() -> None:
         )
     assert [r.score for r in proxy.memory_bank()] == [None, None]
     assert all("reaches" in r.note for r in proxy.memory_bank())
+
+
+def test_decide_group_continues_the_memory_bank(tmp_path) -> None:
+    """A rerun reuses the bank's rounds: no round twice, the same winner, more rounds continue."""
+    model = _unet()
+    pruner = UNetPruner(model, "magnitude")
+    budget = 0.6 * pruner.base_flops
+    calls: list[list[int]] = []
+
+    def score(m: UNet2DModel) -> float:  # a known function of the pruned widths
+        widths = [p.shape[0] for n, p in m.named_parameters() if n.endswith("conv1.weight")]
+        calls.append(widths)
+        return float(np.dot(widths, np.arange(1, len(widths) + 1)))
+
+    def decide(rounds: int, db: str = "g.db", frac: float = 0.6) -> tuple:
+        proxy = OptunaProxy(pruner.blocks, tmp_path / db, seed=3, n_startup_trials=2)
+        return decide_group(model, (0, 10), frac * pruner.base_flops, proxy, rounds, score,
+                            pruner=pruner)  # fmt: skip
+
+    ratios, best, first = decide(3)
+    assert len(calls) == 3 and [h.round for h in first] == [0, 1, 2]
+    winner = min((h for h in first if h.score is not None), key=lambda h: h.score)
+    assert ratios == winner.achieved and abs(model_flops(best) - budget) <= 0.02 * budget
+    again_ratios, again_best, again = decide(3)  # a rerun: nothing new to score
+    assert len(calls) == 3 and again_ratios == ratios
+    assert [(h.round, h.ratios, h.score) for h in again] == [
+        (h.round, h.ratios, h.score) for h in first
+    ]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(best.state_dict().values(), again_best.state_dict().values(), strict=True)
+    )
+    _, _, more = decide(5)  # two more rounds, numbered after the bank's
+    assert len(calls) == 5 and [h.round for h in more] == [0, 1, 2, 3, 4]
+    assert more[:3] == again
+    _, _, fewer = decide(2)  # the decision uses the bank's first rounds only
+    assert len(calls) == 5 and fewer == more[:2]
+    with pytest.raises(ValueError, match="another base model or budget"):
+        decide(2, frac=0.5)  # a bank scored for another budget is refused
+    _, _, fresh = decide(2, db="other.db")
+    assert len(calls) == 7 and [h.round for h in fresh] == [0, 1]
+
+
+def test_denoising_score_uses_the_heldout_images() -> None:
+    model, sched, data = _unet(), DDPMScheduler(num_train_timesteps=1000), _data(24)
+    tune, heldout = data.take(slice(0, 8)), data.take(slice(8, 24))
+    a = denoising_score(model, sched, tune, (0, 1000), 0, heldout=heldout)
+    b = denoising_score(model, sched, tune, (0, 1000), 0, heldout=heldout.take(slice(0, 8)))
+    c = denoising_score(model, sched, data, (0, 1000), 0, heldout=heldout)
+    assert a != b  # the score is over every held-out image
+    assert a == c  # untuned: the fine-tune images play no part
+
+
+def test_search_images_split() -> None:
+    assert search_images(1000, 64, 256, 256) == (64, 256, 256)
+    assert search_images(512, 64, 256, 256) == (64, 256, 256)  # just enough
+    assert search_images(96, 64, 32, 256) == (64, 32, 24)  # a quarter held out
+    assert search_images(96, 80, 32, 256) == (72, 32, 24)
+    assert search_images(2, 64, 256, 256) == (1, 1, 1)
+    with pytest.raises(ValueError, match="at least 2 training images, got 1"):
+        search_images(1, 64, 256, 256)
+
+
+def test_search_flops_counts_taylor_and_scored_candidates() -> None:
+    # Taylor: 10 (image, t) pairs on a 100-FLOP base, fwd + bwd = 3 forwards: 3,000.
+    # Candidate of 50 FLOPs: 2 steps x 4 images x 3 x 50 = 1,200, 8 held-out forwards 400.
+    # Candidate of 40: 960 + 320. The round that missed its budget (None) costs nothing.
+    assert search_flops(100, 10, [50, None, 40], 2, 4, 8) == 3000 + 1200 + 400 + 960 + 320
+    assert search_flops(100, 0, [], 20, 16, 256) == 0

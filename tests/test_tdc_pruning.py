@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from dedt_ray.tdc.budget import example_inputs, model_flops
-from dedt_ray.tdc.denoise import Batch
+from dedt_ray.tdc.denoise import Batch, stratified_timesteps
 from dedt_ray.tdc.pruning import (
     BudgetError,
     UNetPruner,
@@ -24,6 +25,7 @@ from dedt_ray.tdc.pruning import (
     prune_to_budget,
     save_pruned,
     sync_attributes,
+    taylor_gradients,
 )
 
 
@@ -201,8 +203,9 @@ def test_taylor_importance_uses_the_group_loss() -> None:
     sched = DDPMScheduler(num_train_timesteps=1000)
     gen = torch.Generator().manual_seed(0)
     data = Batch(torch.rand(32, 1, 16, 16, generator=gen) * 2 - 1, torch.arange(32) % 10)
-    low = UNetPruner.from_denoising(model, sched, data, (0, 100), n_batches=2, batch_size=8)
-    high = UNetPruner.from_denoising(model, sched, data, (900, 1000), n_batches=2, batch_size=8)
+    low = UNetPruner.from_denoising(model, sched, data, (0, 100), n_timesteps=2, batch_size=8)
+    high = UNetPruner.from_denoising(model, sched, data, (900, 1000), n_timesteps=2, batch_size=8)
+    assert low.taylor_pairs == high.taylor_pairs == 32 * 2
     assert all(p.grad is None for p in model.parameters())  # the caller's model is untouched
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     mag = UNetPruner(model, "magnitude")
@@ -217,6 +220,56 @@ def test_taylor_importance_uses_the_group_loss() -> None:
         model, 0.6 * mag.base_flops, scheduler=sched, data=data, t_range=(0, 100)
     )
     assert abs(result.flops / mag.base_flops - 0.6) <= 0.02 * 0.6
+
+
+def test_stratified_timesteps() -> None:
+    assert stratified_timesteps((0, 100), 4).tolist() == [12, 37, 62, 87]  # stratum midpoints
+    t = stratified_timesteps((500, 1000), 16)
+    width = 500 / 16
+    assert all(500 + i * width <= v < 500 + (i + 1) * width for i, v in enumerate(t.tolist()))
+    assert stratified_timesteps((10, 13), 8).tolist() == [10, 11, 12]  # every timestep once
+    with pytest.raises(ValueError, match="non-empty range"):
+        stratified_timesteps((5, 5), 4)
+
+
+class _Scale(nn.Module):
+    """``a * x_t`` as the noise prediction: loss and gradient are known in closed form."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels=None) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.a * x)
+
+
+def test_taylor_gradients_average_images_over_the_groups_timesteps() -> None:
+    """With eps_hat = a x_t, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: at a = 0 the gradient
+    dL/da = -2 E[eps x_t] = -2 sqrt(1 - abar); at a = 1 the loss is abar E[x0^2] +
+    (1 - sqrt(1 - abar))^2, falling with t. ``taylor_gradients`` must return the gradient's
+    mean over the stratified timesteps of the range (every image at each) and stop where
+    Diff-Pruning's threshold says."""
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 16, 16, generator=gen) * 2 - 1
+    data, x2 = Batch(images), float((images**2).mean())
+    abar = sched.alphas_cumprod.double()
+    for t_range in [(0, 1000), (900, 1000)]:  # the gradient is the group's own
+        ts = stratified_timesteps(t_range, 8)
+        model = _Scale(0.0)
+        assert taylor_gradients(model, sched, data, t_range, 8, batch_size=24) == 64 * 8
+        expected = float((-2 * (1 - abar[ts]).sqrt()).mean())
+        assert float(model.a.grad) == pytest.approx(expected, rel=0.03)
+    ts = stratified_timesteps((0, 1000), 8)
+    losses = abar[ts] * x2 + (1 - (1 - abar[ts]).sqrt()) ** 2
+    thr = 0.3
+    ratio = [float(v / losses[: i + 1].max()) for i, v in enumerate(losses)]
+    assert all(abs(r / thr - 1) > 0.2 for r in ratio)  # no timestep near the threshold
+    stop = next(i for i, r in enumerate(ratio) if r < thr)
+    assert 0 < stop < 7
+    assert taylor_gradients(_Scale(1.0), sched, data, (0, 1000), 8, threshold=thr) == 64 * (
+        stop + 1
+    )
 
 
 @pytest.mark.parametrize("variant", ["attn+cls", "plain"])

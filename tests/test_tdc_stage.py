@@ -36,6 +36,9 @@ TINY = [
     "tdc.rounds=2",
     "tdc.score_steps=2",
     "tdc.score_images=32",
+    "tdc.score_heldout=16",
+    "tdc.taylor_images=16",
+    "tdc.taylor_timesteps=4",
     "tdc.finetune_steps=3",
     "evaluate.num_inference_steps=4",
 ]
@@ -99,7 +102,44 @@ def test_flops_accounting_and_rounds(tdc_run) -> None:
     assert groups[0]["rounds"] == 0 and groups[0]["search_flops"] == 0
     assert len(rounds) == 2 and {r["group"] for r in rounds} == {1}
     assert all({"round", "proposer", "ratios", "flops", "score"} <= set(r) for r in rounds)
-    assert store.exists("tdc", "proxy-1.db") and not store.exists("tdc", "proxy-0.db")
+    (bank,) = store.list("_tdc_proxy")  # only the searched group has a memory bank
+    assert bank.startswith("g1-") and bank.endswith(".db")
+    searched = groups[1]
+    assert searched["taylor_pairs"] == 16 * 4 and searched["rounds_reused"] == 0
+    assert searched["search_images"] == {"taylor": 16, "finetune": 32, "heldout": 16}
+
+
+def test_rerun_continues_the_memory_bank(tdc_run, tmp_path) -> None:
+    """A rerun reuses the bank's rounds (more rounds continue it); resume_search=false and a
+    new base model start afresh. The search FLOPs count every round the decision used."""
+    import shutil
+
+    from dedt_ray.tdc.budget import search_flops
+
+    cfg, store, manifest = tdc_run
+    first = store.read_json("tdc", "rounds.json")
+    shutil.copytree(store.root, tmp_path / "run", ignore=shutil.ignore_patterns("tdc", "_ray"))
+    copy = RunStore(str(tmp_path / "run"))
+    banks = copy.list("_tdc_proxy")
+    more = run_stage("tdc", load_config(None, [*TINY, "tdc.rounds=3"]), copy)["groups"][1]
+    rounds = copy.read_json("tdc", "rounds.json")
+    assert (more["rounds"], more["rounds_reused"]) == (3, 2)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [(r["ratios"], r["score"]) for r in rounds[:2]] == [
+        (r["ratios"], r["score"]) for r in first
+    ]
+    assert copy.list("_tdc_proxy") == banks
+    images = more["search_images"]
+    assert more["search_flops"] == search_flops(
+        manifest["base_flops_per_image"], more["taylor_pairs"], [r["flops"] for r in rounds],
+        cfg.tdc.score_steps, min(16, images["finetune"]), images["heldout"],
+    )  # fmt: skip
+    fresh = run_stage("tdc", load_config(None, [*TINY, "tdc.resume_search=false"]), copy)
+    assert fresh["groups"][1]["rounds_reused"] == 0
+    assert [r["round"] for r in copy.read_json("tdc", "rounds.json")] == [0, 1]
+    run_stage("train", cfg, copy, force=True)  # a new base model: a new bank
+    assert run_stage("tdc", cfg, copy)["groups"][1]["rounds_reused"] == 0
+    assert len(copy.list("_tdc_proxy")) == 2
 
 
 def test_sample_cli_accepts_routed(tdc_run, tmp_path) -> None:

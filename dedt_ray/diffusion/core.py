@@ -134,6 +134,39 @@ def timestep_weights(
     return min_snr_weight(snr(scheduler, t), min_snr_gamma, scheduler.config.prediction_type)
 
 
+def zero_prediction_loss(
+    scheduler: DDPMScheduler, min_snr_gamma: float | None = None, x0_second_moment: float = 1.0
+) -> float:
+    """Per-element loss of a model that predicts 0, averaged over uniform t (the diffusion
+    analogue of a uniform predictor's loss): E[eps^2] = 1 for epsilon prediction,
+    E[v^2] = abar_t + (1 - abar_t) E[x0^2] for v-prediction; Min-SNR weights when given."""
+    t = torch.arange(scheduler.config.num_train_timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = torch.ones(len(t), dtype=torch.float64)
+    elif scheduler.config.prediction_type == "v_prediction":
+        abar = scheduler.alphas_cumprod.double()[t]
+        target = abar + (1.0 - abar) * x0_second_moment
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    w_t = timestep_weights(scheduler, t, min_snr_gamma)
+    return float((target if w_t is None else target * w_t.double()).mean())
+
+
+def training_losses(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator | None,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """Per-sample losses [B] of one micro-batch: draw t and noise, drop labels, Min-SNR."""
+    draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
+    per_sample = denoising_loss(model, scheduler, x0, draw.cond, draw.t, draw.noise)
+    w_t = timestep_weights(scheduler, draw.t, cfg.min_snr_gamma)
+    return per_sample if w_t is None else per_sample * w_t
+
+
 def training_loss(
     model: nn.Module,
     scheduler: DDPMScheduler,
@@ -143,12 +176,8 @@ def training_loss(
     generator: torch.Generator | None,
     cfg: LossConfig,
 ) -> torch.Tensor:
-    """Scalar loss of one micro-batch: draw t and noise, drop labels, weight, average."""
-    draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
-    per_sample = denoising_loss(model, scheduler, x0, draw.cond, draw.t, draw.noise)
-    w_t = timestep_weights(scheduler, draw.t, cfg.min_snr_gamma)
-    if w_t is not None:
-        per_sample = per_sample * w_t
+    """Scalar loss of one micro-batch: `training_losses`, times the sample weights, averaged."""
+    per_sample = training_losses(model, scheduler, x0, labels, generator, cfg)
     if sample_weights is not None:
         per_sample = per_sample * sample_weights
     return per_sample.mean()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dedt_ray.config import ModelConfig, TrainConfig
-from dedt_ray.diffusion.core import training_loss
+from dedt_ray.diffusion.core import training_losses
 from dedt_ray.diffusion.models import ModelSpec, build_unet
 
 
@@ -83,10 +83,20 @@ class PretrainedModel:
 
 
 class CoreLoss:
-    """`core.training_loss` with no state of its own."""
+    """`core.training_loss`; with `record`, each micro-batch's per-sample losses (before the
+    sample weights) are kept in `recorded` for the trainer (InfoBatch's score table)."""
 
-    def __call__(self, *args: Any) -> torch.Tensor:
-        return training_loss(*args)
+    def __init__(self, record: bool = False) -> None:
+        self.record = record
+        self.recorded: list[torch.Tensor] = []
+
+    def __call__(self, model, scheduler, x0, labels, sample_weights, generator, cfg):
+        losses = training_losses(model, scheduler, x0, labels, generator, cfg)
+        if self.record:
+            self.recorded.append(losses.detach())
+        if sample_weights is not None:
+            losses = losses * sample_weights
+        return losses.mean()
 
     def after_step(self, step: int) -> None:
         return None
@@ -103,9 +113,23 @@ class PlainLoss:
     """The denoising loss (Min-SNR and sample weights as `train.*` says)."""
 
     needs_labels: bool = False
+    record: bool = False  # keep per-sample losses (InfoBatch)
 
     def build(self, worker: WorkerInfo) -> TrainLoss:
-        return CoreLoss()
+        return CoreLoss(self.record)
+
+
+@dataclass(frozen=True)
+class CurveHook:
+    """Quality along training: rank 0 sends the EMA weights to `scorer` (an actor an upper
+    layer starts, with `submit(point, weights, source, key)` and `status()`) every `every`
+    steps without waiting; with `until_converged` the run stops once `status()` says so."""
+
+    scorer: Any
+    every: int
+    until_converged: bool = False
+    key: int = 0  # this run's part of a composite model (a TDC group)
+    flops_offset: float = 0.0  # compute spent before this run, added to each point
 
 
 def hook_key(hook: Any) -> dict[str, Any]:
@@ -128,6 +152,7 @@ class TrainJob:
     sampling_weights: list[float] | None = None  # class sampling probabilities
     loss_class_weights: list[float] | None = None  # per-class loss multipliers
     t_range: tuple[int, int] | None = None  # train only on timesteps in [t_lo, t_hi)
+    curve: CurveHook | None = None  # quality along training (not part of the resume key)
     local: bool = False  # ScalingConfig(num_workers=0): in the driver process
     use_gpu: bool = False
 

@@ -25,8 +25,11 @@ from dedt_ray.artifacts import (
 from dedt_ray.artifacts import model_dir as export_dir
 from dedt_ray.config import Config
 from dedt_ray.diffusion.card import table, update_card
+from dedt_ray.diffusion.job import CurveHook
 from dedt_ray.diffusion.trainer import (
+    budget_steps,
     export_model,
+    finish_curve,
     fit,
     keep_checkpoints,
     make_job,
@@ -34,6 +37,7 @@ from dedt_ray.diffusion.trainer import (
     resume_key,
     run_summary,
     training_rows,
+    with_train,
     write_history,
 )
 from dedt_ray.stages import StageContext
@@ -43,11 +47,58 @@ log = logging.getLogger("dedt_ray")
 OUT = "train"
 
 
+def stage1_config(cfg: Config, budget: int) -> Config:
+    """With TDC on, stage 1 trains `tdc.stage1_fraction` of the single model's budget, so TDC's
+    stage 1 + search + stage 2 stay within it (an epoch budget shrinks alike)."""
+    if not cfg.tdc.enabled:
+        return cfg
+    epochs = cfg.train.epochs * cfg.tdc.stage1_fraction if cfg.train.epochs else None
+    return with_train(cfg, steps=cfg.tdc.stage1_steps(budget), epochs=epochs)
+
+
+def infobatch_summary(state: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """What InfoBatch pruned (samples not trained in their epoch, summed over epochs)."""
+    if not cfg.train.infobatch.enabled:
+        return None
+    stream = state["stream"]
+    return {
+        "pruned_samples": int(stream["pruned_total"]),
+        "epochs": float(stream["epoch"]),
+        "ratio": cfg.train.infobatch.ratio,
+        "anneal": cfg.train.infobatch.anneal,
+    }
+
+
+def upstream_flops(manifests: dict[str, dict[str, Any]]) -> float:
+    """Compute spent before this run that the curve counts as an offset: the reweight stage's
+    reference + proxy (selection's embedding is not counted: it is a forward pass of a
+    frozen encoder, reported by the embed stage)."""
+    return float(manifests.get("reweight", {}).get("search_flops") or 0)
+
+
+def start_curve(
+    cfg: Config, store: RunStore, ctx: StageContext, spec: Any, key: str, manifests: dict
+) -> CurveHook | None:
+    """The curve scorer of this run when `train.eval_every` is set."""
+    if cfg.train.eval_every is None:
+        return None
+    if ctx.curve_scorer is None:
+        raise RuntimeError("train.eval_every needs a curve scorer: run the stage via the pipeline")
+    classes = list(range(spec.num_classes)) if spec.num_classes > 0 else None
+    scorer = ctx.curve_scorer(cfg, store, spec.to_dict(), classes, f"{OUT}-{key}")
+    return CurveHook(
+        scorer, cfg.train.eval_every, cfg.train.until == "converged",
+        flops_offset=upstream_flops(manifests),
+    )  # fmt: skip
+
+
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     """Stage entry point: train on the selected (and reweighted) rows, export, summarise."""
     started = time.time()
     inputs = read_inputs(store, ctx.inputs)
     rows, labels, classes, data = training_rows(cfg, store, inputs)
+    budget = budget_steps(cfg, len(labels))
+    cfg = stage1_config(cfg, budget)
     class_weights = class_weights_for(inputs.class_weights, labels, classes)
     spec = model_spec(cfg, labels, classes, data)
     key = resume_key(cfg, inputs.used)
@@ -57,10 +108,12 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "selected subset" if inputs.selection is not None else "all source rows",
         "class weights " + cfg.train.class_weighting if class_weights is not None
         else "no class weights",
-        cfg.train.steps, cfg.train.batch_size, max(1, cfg.train.num_workers),
+        budget_steps(cfg, len(labels)), cfg.train.batch_size, max(1, cfg.train.num_workers),
     )  # fmt: skip
-    job = make_job(cfg, spec, labels, class_weights, key)
+    curve = start_curve(cfg, store, ctx, spec, key, inputs.manifests)
+    job = make_job(cfg, spec, labels, class_weights, key, curve=curve)
     metrics, state = fit(cfg, store, job, rows, OUT, ctx.train_callbacks)
+    curve_info = finish_curve(store, curve, OUT, state.get("curve_steps") or [])
     model_dir = export_model(cfg, store, state, spec, classes, OUT)
     update_card(
         store, export_dir(OUT), card_sections(cfg, inputs, labels, class_weights, classes),
@@ -81,6 +134,10 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         f"{done['steps']} steps on {len(labels)} rows, loss "
         f"{metrics.get('loss', float('nan')):.4f}, {ips:.0f} img/s, {done['flops']:.3g} FLOPs"
     )
+    if state.get("stopped"):
+        summary += f"; stopped early, {state['stopped']}"
+    elif cfg.train.until == "converged":
+        summary += f"; reached the step ceiling ({budget}) still improving"
     return {
         "rows": int(len(labels)),
         "class_counts": counts,
@@ -90,11 +147,15 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "inputs": inputs.used,
         "class_weights": class_weights.tolist() if class_weights is not None else None,
         "class_weighting": cfg.train.class_weighting,
+        "budget_steps": budget,  # the single model's budget in steps (TDC: stage 1 + 2 within)
+        "infobatch": infobatch_summary(state, cfg),
         "reweight_flops_fraction": search / done["flops"]
         if search and done["flops"] and class_weights is not None
         else None,
         "model": store.uri(model_dir),
         "spec": spec.to_dict(),
+        "stopped": state.get("stopped"),
+        "curve": curve_info,
         "setup_seconds": round(time.time() - started - state["wall"], 3),
         "summary": summary,
     }

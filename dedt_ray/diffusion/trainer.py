@@ -15,6 +15,7 @@ a run is in progress, so rerunning a crashed stage with the same key resumes it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ import ray.train  # noqa: E402
 from dedt_ray.artifacts import LATENTS, TrainingInputs, model_dir  # noqa: E402
 from dedt_ray.config import Config, hash_json  # noqa: E402
 from dedt_ray.diffusion.job import (  # noqa: E402
+    CurveHook,
     LossSpec,
     ModelSource,
     PlainLoss,
@@ -173,11 +175,18 @@ def make_job(
     source: ModelSource | None = None,
     loss: LossSpec | None = None,
     t_range: tuple[int, int] | None = None,
+    curve: CurveHook | None = None,
 ) -> TrainJob:
     """The worker's job: class weights as sampling probabilities or loss multipliers."""
     from dedt_ray.runtime import cluster_gpus
 
     tc = cfg.train
+    if tc.infobatch.enabled:
+        if loss is not None and not isinstance(loss, PlainLoss):
+            raise ValueError("train.infobatch works with the plain denoising loss only")
+        loss = PlainLoss(record=True)  # the per-sample losses are InfoBatch's scores
+    train = tc.model_dump(mode="json")
+    train["steps"] = budget_steps(cfg, len(labels))
     sampling = loss_weights = None
     if class_weights is not None:
         if tc.class_weighting == "sampling":
@@ -186,10 +195,10 @@ def make_job(
             share = np.bincount(labels, minlength=len(class_weights)) / len(labels)
             loss_weights = np.where(share > 0, class_weights / np.maximum(share, 1e-12), 0.0)
             loss_weights = loss_weights.tolist()
-    warmup = capped_warmup(tc.warmup_steps, tc.steps)
+    train["warmup_steps"] = capped_warmup(tc.warmup_steps, train["steps"])
     return TrainJob(
         model=cfg.model.model_dump(mode="json"),
-        train={**tc.model_dump(mode="json"), "warmup_steps": warmup},
+        train=train,
         spec=spec,
         seed=cfg.seed,
         fingerprint=key,
@@ -198,6 +207,7 @@ def make_job(
         sampling_weights=sampling,
         loss_class_weights=loss_weights,
         t_range=t_range,
+        curve=curve,
         local=tc.num_workers == 0,
         use_gpu=tc.use_gpu if tc.use_gpu is not None else cluster_gpus() > 0,
     )
@@ -214,6 +224,33 @@ def capped_warmup(warmup_steps: int, steps: int) -> int:
         )  # fmt: skip
         return cap
     return warmup_steps
+
+
+def budget_steps(cfg: Config, rows: int) -> int:
+    """`train.steps`, or for an epoch budget the steps of that many full passes over `rows`:
+    `ceil(epochs x rows / batch_size)` (InfoBatch trains fewer: its epochs are shorter)."""
+    tc = cfg.train
+    return tc.steps if tc.epochs is None else max(1, math.ceil(tc.epochs * rows / tc.batch_size))
+
+
+def step_flops(model: Any, cfg: Config, spec: ModelSpec) -> int:
+    """FLOPs of one optimizer step of `model` on `train.batch_size` samples: forward +
+    backward counted on one sample and scaled (every counted op is linear in the batch)."""
+    import torch
+
+    from dedt_ray.diffusion.core import count_step_flops
+
+    x = torch.zeros(1, spec.channels, spec.sample_size, spec.sample_size)
+    y = torch.zeros(1, dtype=torch.long) if spec.num_classes > 0 else None
+    per_sample = count_step_flops(model, build_noise_scheduler(cfg.model), x, y)
+    return per_sample * cfg.train.batch_size
+
+
+def with_train(cfg: Config, **train: Any) -> Config:
+    """`cfg` with `train.*` fields replaced (the warmup capped at a tenth of the steps)."""
+    if "steps" in train:
+        train.setdefault("warmup_steps", min(cfg.train.warmup_steps, train["steps"] // 10))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
 
 
 def worker_env() -> dict[str, str]:
@@ -253,7 +290,7 @@ def fit(
     if resuming:
         warn_damaged_checkpoints(store, run_name)
     trackers = tracking_sinks(cfg, store, out, job, fresh=not resuming)
-    sinks = [] if job.local else [TrainProgress(tc.steps, out), *trackers]
+    sinks = [] if job.local else [TrainProgress(job.train_cfg.steps, out), *trackers]
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     with relay_reports(sinks) as relay:
         trainer = TorchTrainer(
@@ -396,6 +433,31 @@ def write_history(store: RunStore, history: list[dict[str, Any]], out: str) -> N
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(history), sink)
     store.write_bytes(sink.getvalue().to_pybytes(), out, "metrics.parquet")
+
+
+def finish_curve(
+    store: RunStore, curve: CurveHook | None, out: str, steps: list[int]
+) -> dict[str, Any] | None:
+    """Wait for the points of `steps` (the run's `curve_steps`), write
+    `<run>/<out>/curve.parquet`, stop the actor."""
+    if curve is None:
+        return None
+    points = ray.get(curve.scorer.finish.remote(steps))
+    status = ray.get(curve.scorer.status.remote())
+    ray.kill(curve.scorer)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(points), sink)
+    store.write_bytes(sink.getvalue().to_pybytes(), out, "curve.parquet")
+    metric = status["metric"] if points else None
+    return {
+        "points": len(points),
+        "metric": metric,
+        "final": points[-1][metric] if metric else None,
+        "best": min(p[metric] for p in points) if metric else None,
+        "noise": status["noise"],
+        "noise_floor": points[0].get("noise_floor") if points else None,
+        "eval_seconds": sum(p["eval_seconds"] for p in points),
+    }
 
 
 def run_summary(state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from dedt_ray.diffusion.core import (
     iterate_micro_batches,
     train_step,
 )
+from dedt_ray.diffusion.infobatch import InfoBatchStream
 from dedt_ray.diffusion.job import TrainJob, TrainLoss, WorkerInfo
 from dedt_ray.diffusion.models import build_noise_scheduler
 from dedt_ray.diffusion.state import checkpoint_dirs, load_state, save_state
@@ -52,7 +53,7 @@ class Shard:
     x: torch.Tensor  # uint8 NCHW images or float latents, sorted by id
     labels: torch.Tensor
     loss_weights: torch.Tensor | None
-    stream: IndexStream
+    stream: IndexStream | InfoBatchStream
     rows_per_rank: list[int]
     pixels: bool
 
@@ -101,10 +102,26 @@ def load_shard(job: TrainJob, rank: int, world: int, device: torch.device, dist:
         x=x,
         labels=torch.from_numpy(labels).to(device),
         loss_weights=torch.from_numpy(loss_w).to(device) if loss_w is not None else None,
-        stream=IndexStream(labels, job.seed, rank, class_w),
+        stream=make_stream(job, labels, rows, rank, world, class_w),
         rows_per_rank=rows,
         pixels=job.pixels,
     )
+
+
+def make_stream(
+    job: TrainJob, labels: np.ndarray, rows: list[int], rank: int, world: int, class_w: Any
+) -> IndexStream | InfoBatchStream:
+    """The rank's draws: a seeded index stream, or InfoBatch's pruned epochs over the global
+    score table (this rank's rows are global rows `sum(rows[:rank]) ..`)."""
+    tc = job.train_cfg
+    if not tc.infobatch.enabled:
+        return IndexStream(labels, job.seed, rank, class_w)
+    ib = tc.infobatch
+    per_rank = tc.batch_size // world
+    return InfoBatchStream(
+        labels, sum(rows[:rank]), sum(rows), per_rank, world, ib.ratio, ib.anneal,
+        float(tc.epochs), job.seed, rank, class_w,
+    )  # fmt: skip
 
 
 # -- model and optimisation state ----------------------------------------------------------
@@ -124,6 +141,8 @@ class Training:
     wall: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_at: list[int] = field(default_factory=list)
+    stopped: str | None = None  # why training ended before train.steps (train.until)
+    curve_steps: list[int] = field(default_factory=list)  # steps sent to the curve scorer
 
 
 def build_training(job: TrainJob, shard: Shard, worker: WorkerInfo, rank: int) -> Training:
@@ -154,7 +173,9 @@ def build_training(job: TrainJob, shard: Shard, worker: WorkerInfo, rank: int) -
     )
 
 
-def state_dict(run: Training, stream: IndexStream, job: TrainJob) -> dict[str, Any]:
+def state_dict(
+    run: Training, stream: IndexStream | InfoBatchStream, job: TrainJob
+) -> dict[str, Any]:
     """The checkpoint: every tensor in safetensors, the rest in JSON (diffusion.state)."""
     return {
         "model": run.unet.state_dict(),
@@ -162,7 +183,10 @@ def state_dict(run: Training, stream: IndexStream, job: TrainJob) -> dict[str, A
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "scaler": run.precision.scaler.state_dict() if run.precision.scaler else None,
-        "stream": stream.state_dict(),
+        "stream": {  # numpy arrays (InfoBatch's score table) as tensors
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            for k, v in stream.state_dict().items()
+        },
         "rng": {"torch": torch.get_rng_state()},
         "step": run.step,
         "images_seen": run.images_seen,
@@ -173,11 +197,17 @@ def state_dict(run: Training, stream: IndexStream, job: TrainJob) -> dict[str, A
         "fingerprint": job.fingerprint,
         "loss": run.loss.state_dict(),
         "spec": job.spec.to_dict(),
+        "stopped": run.stopped,
+        "curve_steps": run.curve_steps,
     }
 
 
 def restore(
-    run: Training, stream: IndexStream, job: TrainJob, device: torch.device, rank: int
+    run: Training,
+    stream: IndexStream | InfoBatchStream,
+    job: TrainJob,
+    device: torch.device,
+    rank: int,
 ) -> None:
     """Continue from `ray.train.get_checkpoint()` when there is one."""
     checkpoint = ray.train.get_checkpoint()
@@ -201,6 +231,7 @@ def restore(
     torch.set_rng_state(state["rng"]["torch"])
     run.step, run.images_seen, run.wall = state["step"], state["images_seen"], state["wall"]
     run.history, run.resumed_at = state["history"], [*state["resumed_at"], run.step]
+    run.curve_steps = list(state.get("curve_steps") or [])
     if rank == 0:
         log.info("train: resumed at step %d/%d", run.step, job.train_cfg.steps)
 
@@ -272,15 +303,62 @@ def train_loop(config: dict[str, Any]) -> None:
     step_fn = Stepper(job, run, shard, model, loss_cfg, rank, world, device)
     window = Window(torch.zeros((), device=device))
     local_ckpt: list[str] = []
-    while run.step < tc.steps:
+    while run.step < tc.steps and not getattr(shard.stream, "done", False):
         _maybe_fail(tc, run.step + 1, rank)
         window.loss += step_fn()
         window.steps += 1
-        log_now = run.step % tc.log_every == 0 or run.step == tc.steps
-        save_now = run.step % tc.checkpoint_every == 0 or run.step == tc.steps
+        stop = curve_step(job, run, window, rank, dist, device)
+        last = run.step == tc.steps or getattr(shard.stream, "done", False)
+        log_now = run.step % tc.log_every == 0 or last or stop
+        save_now = run.step % tc.checkpoint_every == 0 or last or stop
         if log_now or save_now:
             now = report(job, run, shard, window, log_now, save_now, rank, world, dist, local_ckpt)
             window = Window(torch.zeros((), device=device), start=now)
+        if stop:
+            break
+
+
+# -- quality along training ---------------------------------------------------------------
+def submit_curve(job: TrainJob, run: Training, window: Window) -> None:
+    """Rank 0: the EMA weights at this step to the curve scorer, without waiting."""
+    assert job.curve is not None and run.ema is not None
+    weights = {k: v.detach().cpu().clone() for k, v in run.unet.state_dict().items()}
+    for (name, _), shadow in zip(run.unet.named_parameters(), run.ema.shadow_params, strict=True):
+        weights[name] = shadow.detach().cpu().clone()
+    point = {
+        "step": run.step,
+        "images_seen": run.images_seen,
+        "flops": run.flops_per_step * run.step,
+        "offset": job.curve.flops_offset,
+        "wall_s": run.wall + time.perf_counter() - window.start,
+    }
+    job.curve.scorer.submit.remote(point, weights, job.source, job.curve.key)
+    run.curve_steps.append(run.step)
+
+
+def curve_step(
+    job: TrainJob, run: Training, window: Window, rank: int, dist: Any, device: torch.device
+) -> bool:
+    """At an evaluation step (every `curve.every` steps and the last): submit (rank 0) and,
+    with `until_converged`, whether every rank stops here (rank 0 asks the scorer and
+    broadcasts its answer)."""
+    curve = job.curve
+    if curve is None or (run.step % curve.every and run.step != job.train_cfg.steps):
+        return False
+    if rank == 0:
+        submit_curve(job, run, window)
+    if not curve.until_converged:
+        return False
+    verdict = torch.zeros((), device=device)
+    if rank == 0:
+        status = ray.get(curve.scorer.status.remote())
+        if status["stop"]:
+            verdict += 1
+            run.stopped = status["why"]
+            log.info("train: stopping at step %d: %s", run.step, status["why"])
+    if dist is not None:
+        dist.broadcast(verdict, src=0)
+    return bool(verdict.item())
 
 
 @dataclass
@@ -303,26 +381,68 @@ class Stepper:
         self.scheduler = build_noise_scheduler(self.job.model_cfg)
         self.generator = torch.Generator(device=self.device)
         self.with_labels = self.job.spec.num_classes > 0 or self.job.loss.needs_labels
+        import torch.distributed as torch_dist
+
+        self.dist = torch_dist if self.world > 1 and torch_dist.is_initialized() else None
+
+    def record_scores(self, idx: np.ndarray) -> None:
+        """InfoBatch: this step's per-sample losses into every rank's score table."""
+        stream, loss = self.shard.stream, self.run.loss
+        losses = torch.cat(loss.recorded)
+        loss.recorded.clear()
+        rows = torch.from_numpy(idx + stream.offset)
+        stream.record(*gather_scores(rows, losses, self.dist, self.world))
 
     def __call__(self) -> torch.Tensor:
         run, shard, tc = self.run, self.shard, self.job.train_cfg
-        idx = shard.stream.next(self.per_rank)
+        pruned = isinstance(shard.stream, InfoBatchStream)
+        if pruned:  # the lr follows the epochs done, not the (fewer) steps
+            run.lr_scheduler.last_epoch = int(shard.stream.progress * tc.steps) - 1
+            idx, ib_weights = shard.stream.next()
+        else:
+            idx = shard.stream.next(self.per_rank)
         idx_dev = torch.from_numpy(idx).to(self.device)
         x0 = shard.batch(idx, self.device)
+        if tc.hflip:  # from its own seeded draw: the noise draw stays as without flips
+            x0 = random_hflip(x0, step_seed(self.job.seed + 1, self.rank, run.step))
         y = shard.labels[idx_dev] if self.with_labels else None
         w = shard.loss_weights[idx_dev] if shard.loss_weights is not None else None
+        if pruned:
+            ib = torch.from_numpy(ib_weights).to(self.device)
+            w = ib if w is None else w * ib
         self.generator.manual_seed(step_seed(self.job.seed, self.rank, run.step))
         loss = train_step(
             self.model, self.scheduler, run.optimizer, run.lr_scheduler,
             list(iterate_micro_batches(x0, y, w, self.micro)),
             self.generator, self.loss_cfg, tc.grad_clip, run.precision, loss_fn=run.loss,
         )  # fmt: skip
+        if pruned:
+            self.record_scores(idx)
         if run.ema is not None:
             run.ema.step(run.unet.parameters())
         run.step += 1
         run.loss.after_step(run.step)
         run.images_seen += self.per_rank * self.world
         return loss
+
+
+def random_hflip(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image of the NCHW batch flipped left-right with probability 1/2 (seeded)."""
+    flip = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def gather_scores(
+    rows: torch.Tensor, losses: torch.Tensor, dist: Any, world: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (global rows, per-sample losses) of this step, on every rank."""
+    if dist is None:
+        return rows.cpu().numpy(), losses.cpu().numpy()
+    both = torch.stack([rows.to(losses.device, torch.float64), losses.double()])
+    out = torch.empty((world, *both.shape), dtype=both.dtype, device=both.device)
+    dist.all_gather_into_tensor(out, both)
+    out = out.cpu()
+    return out[:, 0].reshape(-1).long().numpy(), out[:, 1].reshape(-1).numpy()
 
 
 def report(

@@ -7,8 +7,10 @@ matching CPU wheels live outside PyPI. So this is a faithful copy of torchvision
 as pytorch-fid patches it (FIDInceptionA/C/E_1/E_2: TensorFlow's average pooling that ignores
 padding, and max pooling in the last block). Module names and shapes equal the state_dict of
 pytorch-fid's weights file `pt_inception-2015-12-05-6726825d.pth` (1008-way `fc` included,
-unused), so that file loads strictly. Input: RGB in [-1, 1] at 299 x 299, which the encoder
-gets by a bilinear resize (no antialias, as pytorch-fid's `F.interpolate`) and 2x - 1.
+unused), so that file loads strictly. Input: RGB in [-1, 1] at 299 x 299. FID (the evaluate
+stage, `dedt-ray fid`) prepares it exactly as pytorch-fid does (`fid_input`: a float bilinear
+resize, no rounding); the selection encoder (`embed.encoder=inception`) resizes to uint8 in a
+CPU task first, like every encoder, and so differs by that rounding.
 """
 
 from __future__ import annotations
@@ -215,6 +217,15 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def fid_input(images: Tensor) -> Tensor:
+    """pytorch-fid's preprocessing of uint8 RGB [N, 3, H, W]: [0, 1] floats (as torchvision's
+    ToTensor), a bilinear resize to 299 x 299 in floating point (`F.interpolate`,
+    align_corners=False, no antialias, no rounding to uint8), then `2 x - 1`."""
+    x = images.float().div(255)
+    x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
 def preprocessor(model: str | None, in_channels: int, image_size: int) -> Preprocessor:
     """299 x 299 RGB by bilinear resize without antialias, then 2x - 1; needs no weights."""
     return Preprocessor(
@@ -228,8 +239,8 @@ def preprocessor(model: str | None, in_channels: int, image_size: int) -> Prepro
     )
 
 
-def network(model: str | None, pre: Preprocessor, dim: int, seed: int) -> tuple[nn.Module, int]:
-    """FIDInceptionV3 with the weights file loaded strictly."""
+def load_network(model: str | None) -> FIDInceptionV3:
+    """FIDInceptionV3 with the weights file (path or hub-cache name) loaded strictly."""
     path = weights_path(model)
     with torch.device("meta"):  # no random init: every tensor comes from the file
         net = FIDInceptionV3()
@@ -237,7 +248,12 @@ def network(model: str | None, pre: Preprocessor, dim: int, seed: int) -> tuple[
         net.load_state_dict(load_state_dict(path), assign=True)
     except RuntimeError as err:
         raise ValueError(f"{path} is not a pytorch-fid Inception-v3 state_dict: {err}") from err
-    return net, FEATURES
+    return net
+
+
+def network(model: str | None, pre: Preprocessor, dim: int, seed: int) -> tuple[nn.Module, int]:
+    """The encoder registry's entry: `load_network` and its width."""
+    return load_network(model), FEATURES
 
 
 INCEPTION = EncoderSpec(preprocessor, network)

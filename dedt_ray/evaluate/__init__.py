@@ -1,38 +1,45 @@
-"""Evaluation: feature spaces, streaming Frechet distances, k-NN manifold metrics (pure), and
-the `evaluate` stage (`dedt_ray.evaluate.stage`, the Ray shell)."""
+"""Evaluation: feature spaces, streaming Frechet and kernel distances, k-NN manifold metrics
+(pure), the `evaluate` stage (`dedt_ray.evaluate.stage`, the Ray shell) and `dedt-ray fid`
+(`dedt_ray.evaluate.fid_cli`).
 
-from dedt_ray.evaluate.classifier import SmallCNN, train_classifier
-from dedt_ray.evaluate.features import (
-    FeatureExtractor,
-    FeatureSpace,
-    classifier_name,
-    conform_images,
-    metric_name,
-)
-from dedt_ray.evaluate.fid import FeatureStats, frechet_distance, per_class_frechet
-from dedt_ray.evaluate.generation import Share, ShareSampler, plan_shares, samples_grid
-from dedt_ray.evaluate.manifold import density_coverage, precision_recall
-from dedt_ray.evaluate.streaming import FeatureAccumulator, Reservoir, compute_metrics, id_keys
+The names below load on first use, so `dedt-ray`'s argument parser (which registers
+`fid_cli`) does not import torch.
+"""
 
-__all__ = [
-    "FeatureAccumulator",
-    "FeatureExtractor",
-    "FeatureSpace",
-    "FeatureStats",
-    "Reservoir",
-    "Share",
-    "ShareSampler",
-    "SmallCNN",
-    "classifier_name",
-    "compute_metrics",
-    "conform_images",
-    "density_coverage",
-    "frechet_distance",
-    "id_keys",
-    "metric_name",
-    "per_class_frechet",
-    "plan_shares",
-    "precision_recall",
-    "samples_grid",
-    "train_classifier",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "dedt_ray.evaluate.classifier": ("SmallCNN", "train_classifier"),
+    "dedt_ray.evaluate.features": (
+        "FeatureExtractor",
+        "FeatureSpace",
+        "classifier_name",
+        "conform_images",
+        "kernel_name",
+        "metric_name",
+    ),
+    "dedt_ray.evaluate.fid": ("FeatureStats", "frechet_distance", "per_class_frechet"),
+    "dedt_ray.evaluate.generation": ("Share", "ShareSampler", "plan_shares", "samples_grid"),
+    "dedt_ray.evaluate.kid": ("kernel_distance", "mmd2_unbiased", "polynomial_kernel"),
+    "dedt_ray.evaluate.manifold": ("density_coverage", "precision_recall"),
+    "dedt_ray.evaluate.streaming": (
+        "FeatureAccumulator",
+        "MetricSettings",
+        "Reservoir",
+        "compute_metrics",
+        "id_keys",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

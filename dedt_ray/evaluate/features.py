@@ -1,9 +1,10 @@
-"""Feature spaces for the distances: Inception-v3 pool3 (FID) or a named fallback classifier.
+"""Feature spaces for the distances: Inception-v3 pool3 (FID), a fallback classifier, or a
+transformers image tower from local weights (CLIP, DINOv2, ViT: `evaluate.extra_spaces`).
 
 A `FeatureSpace` is plain data (picklable, sent to Ray actors); `FeatureExtractor` builds
 the network on a device and maps uint8 NHWC images, conformed to the real images' size and
-channels, to float32 features. Metric names carry the space: "FID" only for Inception,
-"FD_<name>" for anything else.
+channels, to float32 features. Metric names carry the space: "FID" / "KID" only for
+Inception, "FD_<name>" / "KD_<name>" for anything else.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 INCEPTION = "inception"
+HF_KINDS = ("clip", "dinov2", "vit")  # transformers towers (dedt_ray.encoders.hf)
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,11 @@ class FeatureSpace:
 
     `kind="inception"`: `weights` is pytorch-fid's weights file (a path or a torch hub cache
     name). `kind="classifier"`: `classifier` holds (safetensors bytes, JSON config).
+    `kind` in HF_KINDS: `weights` is the model folder or hub-cache name.
     `in_channels` / `image_size` are the real images' format; generated ones are conformed.
     """
 
-    kind: Literal["inception", "classifier"]
+    kind: Literal["inception", "classifier", "clip", "dinov2", "vit"]
     name: str
     in_channels: int
     image_size: int
@@ -37,13 +40,19 @@ class FeatureSpace:
 
     @property
     def metric(self) -> str:
-        """The distance's name: "FID" for Inception-v3 pool3, "FD_<name>" otherwise."""
+        """The Frechet distance's name: "FID" for Inception-v3 pool3, "FD_<name>" otherwise."""
         return metric_name(self.kind, self.name)
+
+    @property
+    def kernel(self) -> str:
+        """The kernel distance's name: "KID" for Inception-v3 pool3, "KD_<name>" otherwise."""
+        return kernel_name(self.kind, self.name)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for metrics.json."""
-        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "metric": self.metric}
-        if self.kind == INCEPTION:
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "metric": self.metric,
+                               "kernel_metric": self.kernel}  # fmt: skip
+        if self.kind == INCEPTION or self.kind in HF_KINDS:
             out["weights"] = self.weights
         elif self.classifier is not None:
             cfg = self.classifier[1]
@@ -56,6 +65,10 @@ class FeatureSpace:
 
 def metric_name(kind: str, name: str) -> str:
     return "FID" if kind == INCEPTION else f"FD_{name}"
+
+
+def kernel_name(kind: str, name: str) -> str:
+    return "KID" if kind == INCEPTION else f"KD_{name}"
 
 
 def classifier_name(source: str, path: str | None) -> str:
@@ -94,14 +107,19 @@ class FeatureExtractor:
         self.space = space
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._net = self._encoder = None
         if space.kind == INCEPTION:
+            from dedt_ray.encoders.inception import FEATURES, load_network
+
+            self._net = load_network(space.weights).to(self.device).eval()
+            self.dim = FEATURES
+        elif space.kind in HF_KINDS:
             from dedt_ray.encoders import build_encoder
 
             self._encoder = build_encoder(
-                INCEPTION, space.weights, 2048, space.in_channels, space.image_size, device=device
+                space.kind, space.weights, 1, space.in_channels, space.image_size, device=device
             )
             self.dim = self._encoder.dim
-            self._net = None
         elif space.kind == "classifier":
             from dedt_ray.evaluate.classifier import from_bytes
 
@@ -110,12 +128,15 @@ class FeatureExtractor:
             weights, config = space.classifier
             self._net = from_bytes(weights, config).to(self.device)
             self.dim = int(config["feature_dim"])
-            self._encoder = None
         else:
             raise ValueError(f"unknown feature space kind {space.kind!r}")
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = conform_images(images, self.space.image_size, self.space.in_channels)
+        """Conform to the real images' size and channels, then `encode`."""
+        return self.encode(conform_images(images, self.space.image_size, self.space.in_channels))
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, C] as they are (C the space's channels) -> float32 [N, dim]."""
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(images), self.batch_size):
             out.append(self._batch(images[i : i + self.batch_size]))
@@ -125,6 +146,15 @@ class FeatureExtractor:
     def _batch(self, images: np.ndarray) -> np.ndarray:
         if self._encoder is not None:
             return self._encoder(self._encoder.resize(images))
+        if self.space.kind == INCEPTION:  # pytorch-fid's float resize, grey repeated to RGB
+            from dedt_ray.encoders.inception import fid_input
+
+            images = np.ascontiguousarray(images)
+            if not images.flags.writeable:  # Ray's zero-copy batches
+                images = images.copy()
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device)
+            x = x.expand(-1, 3, -1, -1)
+            return self._net(fid_input(x)).float().cpu().numpy()
         from dedt_ray.evaluate.classifier import to_input
 
         return self._net.features(to_input(images, self.device)).float().cpu().numpy()

@@ -8,6 +8,7 @@ depend on how many actors run the shares or in what order.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,9 @@ def local_model_dir(uri: str) -> str:
 
 
 class ShareSampler:
-    """The exported model + the feature network on one device; runs shares."""
+    """The exported model + the feature networks on one device; runs shares.
+
+    `space` is one feature space or a sequence of them (the headline space first)."""
 
     def __init__(
         self,
@@ -97,7 +100,7 @@ class ShareSampler:
         scheduler: str,
         num_inference_steps: int,
         guidance_scale: float,
-        space: FeatureSpace,
+        space: FeatureSpace | Sequence[FeatureSpace],
         device: str = "cpu",
         feature_batch: int = 64,
     ) -> None:
@@ -113,7 +116,8 @@ class ShareSampler:
         self.guidance_scale = guidance_scale
         self.null_class = self.info.get("null_class")
         self.conditional = self.unet.config.num_class_embeds is not None
-        self.features = FeatureExtractor(space, device, feature_batch)
+        spaces = [space] if isinstance(space, FeatureSpace) else list(space)
+        self.extractors = [FeatureExtractor(s, device, feature_batch) for s in spaces]
 
     def generate(self, share: Share) -> np.ndarray:
         """uint8 NHWC images of one share (deterministic given the share's seed)."""
@@ -133,9 +137,10 @@ class ShareSampler:
         )
 
     def run(self, share: Share) -> dict[str, Any]:
-        """Generate, featurise; returns features, labels (-1 unconditional), reservoir keys
-        and the grid images of the share."""
+        """Generate, featurise; returns features (of the first space; `all_features`: one
+        array per space), labels (-1 unconditional), reservoir keys and the grid images."""
         images = self.generate(share)
+        features = [extract(images) for extract in self.extractors]
         labels = (
             np.asarray(share.labels, dtype=np.int64)
             if share.labels is not None
@@ -144,7 +149,8 @@ class ShareSampler:
         grid = np.asarray(share.grid, dtype=np.int64)
         return {
             "index": share.index,
-            "features": self.features(images),
+            "features": features[0],
+            "all_features": features,
             "labels": labels,
             "keys": np.random.default_rng([share.seed, 1]).random(share.count),
             "grid_images": images[grid],

@@ -2,11 +2,13 @@
 
 1. Feature space: Inception-v3 pool3 from a local weights file (FID), else - or when
    `evaluate.feature_space=classifier` - a small CNN trained on the real images (a Ray task;
-   cached under `<run>/classifier/<name>-<key>/`, reused on rerun), giving `FD_<name>`.
-2. Real features: source -> feature network (Ray Data actor pool) -> streaming statistics.
+   cached under `<run>/classifier/<name>-<key>/`, reused on rerun), giving `FD_<name>`;
+   plus the `evaluate.extra_spaces` (CLIP / DINOv2 / ViT from local weights, `FD_<name>`).
+2. Real features: source -> feature networks (Ray Data actor pool) -> streaming statistics.
 3. Generated features: label shares -> `ShareSampler` actors (ray.util.ActorPool, a GPU
    each when the cluster has them) -> streaming statistics + grid images.
-4. evaluate/metrics.json, per_class.json, samples.png.
+4. evaluate/metrics.json (with a note when a metric's network is the selection encoder),
+   per_class.json, samples.png.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from dedt_ray.evaluate.features import (
     classifier_name,
 )
 from dedt_ray.evaluate.generation import ShareSampler, plan_shares, samples_grid
+from dedt_ray.evaluate.spaces import confound_notes, extra_spaces, selection_encoder
 from dedt_ray.evaluate.streaming import (
     FeatureAccumulator,
+    MetricSettings,
     Reservoir,
     compute_metrics,
     id_keys,
@@ -168,27 +172,29 @@ def _subsample(batch: dict[str, np.ndarray], seed: int, fraction: float) -> dict
 
 
 class _Featurize:
-    """Ray Data actor: real images -> features (+ the rows' reservoir keys)."""
+    """Ray Data actor: real images -> features `feature_<i>` in each space (+ reservoir keys)."""
 
-    def __init__(self, space: FeatureSpace, use_gpu: bool, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, spaces: list[FeatureSpace], use_gpu: bool, batch_size: int, seed: int
+    ) -> None:
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.features = FeatureExtractor(space, device, batch_size)
+        self.extractors = [FeatureExtractor(space, device, batch_size) for space in spaces]
         self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "label": batch["label"],
-            "key": id_keys(batch["id"], self.seed + 1),
-            "feature": self.features(batch["image"]),
-        }
+        out = {"label": batch["label"], "key": id_keys(batch["id"], self.seed + 1)}
+        for i, extract in enumerate(self.extractors):
+            out[f"feature_{i}"] = extract(batch["image"])
+        return out
 
 
 def real_features(
-    cfg: Config, space: FeatureSpace, gpus: float, per_class: bool
-) -> FeatureAccumulator:
-    """Stream the real images through the feature network into an accumulator."""
+    cfg: Config, spaces: list[FeatureSpace], gpus: float, per_class: bool
+) -> list[FeatureAccumulator]:
+    """Stream the real images through the feature networks: one accumulator per space
+    (per-class statistics in the first, the headline space, only)."""
     ev = cfg.evaluate
     source = open_source(cfg.data)
     ds = source.dataset
@@ -202,29 +208,33 @@ def real_features(
     ds = ds.map_batches(
         _Featurize,
         fn_constructor_kwargs={
-            "space": space, "use_gpu": gpus > 0, "batch_size": ev.batch_size, "seed": ev.seed
+            "spaces": spaces, "use_gpu": gpus > 0, "batch_size": ev.batch_size, "seed": ev.seed
         },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.actors),
         num_gpus=gpus,
         batch_size=ev.batch_size,
         batch_format="numpy",
     )  # fmt: skip
-    acc = FeatureAccumulator(ev.manifold_samples, per_class=per_class, halves=True)
+    accs = [
+        FeatureAccumulator(ev.manifold_samples, per_class=per_class and i == 0, halves=True)
+        for i in range(len(spaces))
+    ]
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        acc.add(np.asarray(batch["feature"]), batch["label"], batch["key"])
-    if acc.count < 2:
-        raise ValueError(f"only {acc.count} real images: nothing to measure against")
-    return acc
+        for i, acc in enumerate(accs):
+            acc.add(np.asarray(batch[f"feature_{i}"]), batch["label"], batch["key"])
+    if accs[0].count < 2:
+        raise ValueError(f"only {accs[0].count} real images: nothing to measure against")
+    return accs
 
 
 # -- generated side ------------------------------------------------------------------------
 def generated_features(
-    cfg: Config, store: RunStore, space: FeatureSpace, gpus: float,
+    cfg: Config, store: RunStore, spaces: list[FeatureSpace], gpus: float,
     classes: list[int] | None, per_class: bool, n_real_classes: int,
     model: tuple[str, ...] = MODEL,
-) -> tuple[FeatureAccumulator, np.ndarray, np.ndarray, int, float]:  # fmt: skip
-    """Sample the shares on an actor pool. (accumulator, grid images, grid labels, FLOPs per
-    image, sampling seconds)."""
+) -> tuple[list[FeatureAccumulator], np.ndarray, np.ndarray, int, float]:  # fmt: skip
+    """Sample the shares on an actor pool. (one accumulator per space, grid images, grid
+    labels, FLOPs per image, sampling seconds)."""
     ev = cfg.evaluate
     total = ev.num_samples or ev.samples_per_class * max(1, n_real_classes)
     shares = plan_shares(
@@ -238,13 +248,17 @@ def generated_features(
             ev.scheduler,
             ev.num_inference_steps,
             ev.guidance_scale,
-            space,
+            spaces,
             device,
             ev.batch_size,
         )  # fmt: skip
         for _ in range(min(ev.actors, len(shares)))
     ]
-    acc = FeatureAccumulator(ev.manifold_samples, per_class=per_class and classes is not None)
+    conditional = per_class and classes is not None
+    accs = [
+        FeatureAccumulator(ev.manifold_samples, per_class=conditional and i == 0)
+        for i in range(len(spaces))
+    ]
     grid_images, grid_labels = [], []
     started = time.time()
     try:
@@ -252,15 +266,16 @@ def generated_features(
         pool = ray.util.ActorPool(actors)
         with Progress(len(shares), "evaluate: sampling", unit="batch") as progress:
             for i, out in enumerate(pool.map(lambda actor, share: actor.run.remote(share), shares)):
-                acc.add(out["features"], out["labels"], out["keys"])
+                for acc, features in zip(accs, out["all_features"], strict=True):
+                    acc.add(features, out["labels"], out["keys"])
                 grid_images.append(out["grid_images"])
                 grid_labels.append(out["grid_labels"])
-                progress.update_to(i + 1, images=acc.count)
+                progress.update_to(i + 1, images=accs[0].count)
     finally:
         for actor in actors:
             ray.kill(actor)
     seconds = time.time() - started
-    return acc, np.concatenate(grid_images), np.concatenate(grid_labels), flops, seconds
+    return accs, np.concatenate(grid_images), np.concatenate(grid_labels), flops, seconds
 
 
 def grid_png(
@@ -296,33 +311,99 @@ def grid_png(
 
 
 # -- the stage -----------------------------------------------------------------------------
+def selection_notes(cfg: Config, store: RunStore, spaces: list[FeatureSpace]) -> list[str]:
+    """Warnings (logged, and kept for metrics.json) for metrics measured with the selection
+    encoder's own weights."""
+    notes = confound_notes(selection_encoder(cfg, store.manifest("embed")), spaces)
+    for note in notes:
+        log.warning("evaluate: %s", note)
+    return notes
+
+
+def measure(
+    spaces: list[FeatureSpace],
+    reals: list[FeatureAccumulator],
+    fakes: list[FeatureAccumulator],
+    settings: MetricSettings,
+) -> tuple[dict[str, float | None], list[dict[str, Any]], list[str]]:
+    """Metrics in every space (k-NN metrics in the headline space only); per-class rows of
+    the headline space."""
+    metrics, rows, notes = compute_metrics(
+        reals[0], fakes[0], spaces[0].metric, spaces[0].kernel, settings
+    )
+    for space, real, fake in zip(spaces[1:], reals[1:], fakes[1:], strict=True):
+        more, _, more_notes = compute_metrics(
+            real, fake, space.metric, space.kernel, settings, manifold=False
+        )
+        metrics.update(more)
+        notes += more_notes
+    return metrics, rows, notes
+
+
+def name_rows(rows: list[dict[str, Any]], class_names: list[str] | None) -> None:
+    """Per-class rows in place: the class name, JSON-safe values."""
+    names = class_names or []
+    for row in rows:
+        row["name"] = names[row["label"]] if row["label"] < len(names) else str(row["label"])
+        row["value"], row["kid"] = json_number(row["value"]), json_number(row["kid"])
+
+
+def samples_info(
+    ev: Any, real: FeatureAccumulator, fake: FeatureAccumulator, conditional: bool
+) -> dict[str, Any]:
+    """metrics.json's `samples`: counts, the reservoir subsets KID and the k-NN metrics used."""
+    return {
+        "generated": fake.count,
+        "real": real.count,
+        "per_class": ev.samples_per_class if conditional else None,
+        "manifold_real": len(real.subset),
+        "manifold_generated": len(fake.subset),
+        "kid_subset_size": min(ev.kid_subset_size, len(real.subset), len(fake.subset)),
+        "kid_subsets": ev.kid_subsets,
+        "nearest_k": ev.nearest_k,
+        "coverage_k": ev.coverage_k,
+    }
+
+
+def summary_text(metrics: dict[str, Any], metric: str, kernel: str) -> str:
+    """`FID 12.3, KID 0.0041, precision 0.712, recall 0.655` (n/a where missing)."""
+    value = metrics.get(metric)
+    parts = [f"{metric} {value:.4g}" if value is not None else f"{metric} n/a"]
+    if metrics.get(f"{kernel}_mean") is not None:
+        parts.append(f"{kernel} {metrics[f'{kernel}_mean']:.3g}")
+    for k in ("precision", "recall"):
+        if metrics.get(k) is not None:
+            parts.append(f"{k} {metrics[k]:.3f}")
+    return ", ".join(parts)
+
+
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     ev = cfg.evaluate
     model = model_parts(ctx.inputs)
     classes, class_names, info = export_classes(store, model)
     gpus = ev.gpus_per_actor if ev.gpus_per_actor is not None else min(1.0, cluster_gpus())
     space, space_source = resolve_feature_space(cfg, store, gpus)
-    log.info("evaluate: feature space %s (%s)", space.metric, space_source)
+    spaces = [space, *extra_spaces(ev, space.in_channels, space.image_size)]
+    log.info("evaluate: feature spaces %s (%s)", ", ".join(s.metric for s in spaces), space_source)
 
     # per-class statistics: a D x D matrix per class and side (guard against 1000 x 2048^2)
     dim = 2048 if space.kind == INCEPTION else int(space.classifier[1]["feature_dim"])
     n_classes = len(classes) if classes is not None else 0
     per_class = classes is not None and 2 * n_classes * dim * dim * 8 <= PER_CLASS_BYTES
-    notes = []
+    notes = selection_notes(cfg, store, spaces)
     if classes is not None and not per_class:
         notes.append(f"per-class distances skipped: {n_classes} classes x {dim}^2 statistics")
 
-    real = real_features(cfg, space, gpus, per_class)
-    fake, grid_images, grid_labels, flops, seconds = generated_features(
-        cfg, store, space, gpus, classes, per_class, len(real.class_counts), model
+    reals = real_features(cfg, spaces, gpus, per_class)
+    fakes, grid_images, grid_labels, flops, seconds = generated_features(
+        cfg, store, spaces, gpus, classes, per_class, len(reals[0].class_counts), model
     )
-    metrics, per_class_rows, more_notes = compute_metrics(real, fake, space.metric, ev.nearest_k)
-    names = class_names or []
-    for row in per_class_rows:
-        row["name"] = names[row["label"]] if row["label"] < len(names) else str(row["label"])
-        row["value"] = json_number(row["value"])
-    result = metrics_json(cfg, space, space_source, dim, metrics, real, fake, classes, flops,
-                          seconds, gpus, info, model, notes + more_notes)  # fmt: skip
+    metrics, per_class_rows, more_notes = measure(
+        spaces, reals, fakes, MetricSettings.from_config(ev)
+    )
+    name_rows(per_class_rows, class_names)
+    result = metrics_json(cfg, spaces, space_source, dim, metrics, reals[0], fakes[0], classes,
+                          flops, seconds, gpus, info, model, notes + more_notes)  # fmt: skip
     store.write_json(result, "evaluate", METRICS)
     update_card(store, model, {"Metrics": metrics_section(result)}, info)  # the model card
     store.write_json(
@@ -333,36 +414,33 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     png = grid_png(grid_images, grid_labels, ev.grid_columns, classes, class_names)
     store.write_bytes(png, "evaluate", SAMPLES)
     return {
-        "rows": fake.count,
-        "real": real.count,
+        "rows": fakes[0].count,
+        "real": reals[0].count,
         "metric": space.metric,
         "value": result["metrics"][space.metric],
         "feature_space": space.name,
         "flops_per_image": flops,
         "sampling_seconds": round(seconds, 3),
-        "summary": summary_line(result, ev, fake.count, real.count),
+        "summary": f"{summary_text(result['metrics'], space.metric, space.kernel)} on "
+        f"{fakes[0].count} generated vs {reals[0].count} real "
+        f"({ev.scheduler} {ev.num_inference_steps} steps)",
     }
 
 
 def metrics_json(
-    cfg: Config, space: FeatureSpace, space_source: str, dim: int, metrics: dict[str, Any],
-    real: FeatureAccumulator, fake: FeatureAccumulator, classes: list[int] | None, flops: int,
-    seconds: float, gpus: float, info: dict[str, Any], model: tuple[str, ...], notes: list[str],
+    cfg: Config, spaces: list[FeatureSpace], space_source: str, dim: int,
+    metrics: dict[str, Any], real: FeatureAccumulator, fake: FeatureAccumulator,
+    classes: list[int] | None, flops: int, seconds: float, gpus: float, info: dict[str, Any],
+    model: tuple[str, ...], notes: list[str],
 ) -> dict[str, Any]:  # fmt: skip
     """evaluate/metrics.json: the metrics and how they were measured."""
-    ev = cfg.evaluate
+    ev, space = cfg.evaluate, spaces[0]
     return {
         "metric": space.metric,
         "metrics": {k: json_number(v) for k, v in metrics.items()},
         "feature_space": {**space.describe(), "dim": dim, "source": space_source},
-        "samples": {
-            "generated": fake.count,
-            "real": real.count,
-            "per_class": ev.samples_per_class if classes is not None else None,
-            "manifold_real": len(real.subset),
-            "manifold_generated": len(fake.subset),
-            "nearest_k": ev.nearest_k,
-        },
+        "extra_spaces": [s.describe() for s in spaces[1:]],
+        "samples": samples_info(ev, real, fake, classes is not None),
         "sampling": {
             "scheduler": ev.scheduler,
             "num_inference_steps": ev.num_inference_steps,
@@ -378,17 +456,3 @@ def metrics_json(
         "model_path": "/".join(model),
         "notes": notes,
     }
-
-
-def summary_line(result: dict[str, Any], ev: Any, generated: int, real: int) -> str:
-    """One line: the main metric, precision and recall, sample counts, sampler."""
-    metric = result["metric"]
-    value = result["metrics"][metric]
-    parts = [f"{metric} {value:.4g}" if value is not None else f"{metric} n/a"]
-    for k in ("precision", "recall"):
-        if result["metrics"].get(k) is not None:
-            parts.append(f"{k} {result['metrics'][k]:.3f}")
-    return (
-        f"{', '.join(parts)} on {generated} generated vs {real} real "
-        f"({ev.scheduler} {ev.num_inference_steps} steps)"
-    )

@@ -2,19 +2,21 @@
 
 A `FeatureAccumulator` folds feature batches into float64 mean/covariance statistics
 (overall, per class, and two random halves for a real-vs-real reference) plus a bounded,
-seeded random subset for the k-NN metrics, so 50k samples at 2048-d take memory in D^2,
-not N x D. `compute_metrics` turns a real and a generated accumulator into named metrics.
+seeded random subset for the k-NN metrics and KID, so 50k samples at 2048-d take memory in
+D^2, not N x D. `compute_metrics` turns a real and a generated accumulator into named metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from dedt_ray.evaluate.fid import FeatureStats, frechet_distance
+from dedt_ray.evaluate.kid import kernel_distance
 from dedt_ray.evaluate.manifold import density_coverage, precision_recall
 
 
@@ -98,43 +100,114 @@ class FeatureAccumulator:
         return self
 
 
-def _fd(a: FeatureStats, b: FeatureStats) -> float | None:
+@dataclass(frozen=True)
+class MetricSettings:
+    """How the metrics are computed (the `evaluate.*` keys of the same names)."""
+
+    nearest_k: int = 3  # precision/recall
+    coverage_k: int = 5  # density/coverage
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0  # KID's subset draws
+    frechet: Literal["svd", "sqrtm"] = "svd"  # sqrtm: pytorch-fid's formula (`dedt-ray fid`)
+
+    @classmethod
+    def from_config(cls, ev: Any, frechet: Literal["svd", "sqrtm"] = "svd") -> MetricSettings:
+        return cls(ev.nearest_k, ev.coverage_k, ev.kid_subsets, ev.kid_subset_size, ev.seed,
+                   frechet)  # fmt: skip
+
+
+def _fd(a: FeatureStats, b: FeatureStats, method: str = "svd") -> float | None:
     if a.count < 2 or b.count < 2:
         return None
-    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov, method=method)
+
+
+def _kid(real: Any, fake: Any, settings: MetricSettings, subsets: int) -> float | None:
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    mean, _, _ = kernel_distance(real, fake, subsets, settings.kid_subset_size, settings.seed)
+    return mean
+
+
+def _class_rows(
+    real: FeatureAccumulator, fake: FeatureAccumulator, settings: MetricSettings
+) -> list[dict[str, Any]]:
+    """Per class: the Frechet distance of its statistics and one KID estimate on its
+    reservoir rows (min(n_real, n_generated, kid_subset_size) per side)."""
+    rows = []
+    rs, fs = real.subset, fake.subset
+    for c in sorted(set(real.per_class) | set(fake.per_class)):
+        r, f = real.per_class.get(c, FeatureStats()), fake.per_class.get(c, FeatureStats())
+        kid = None
+        if rs.rows is not None and fs.rows is not None:
+            kid = _kid(rs.rows[rs.labels == c], fs.rows[fs.labels == c], settings, subsets=1)
+        rows.append({"label": c, "value": _fd(r, f, settings.frechet), "kid": kid,
+                     "real": r.count, "generated": f.count})  # fmt: skip
+    return rows
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(known)) if known else None
 
 
 def compute_metrics(
-    real: FeatureAccumulator, fake: FeatureAccumulator, metric: str, k: int = 5
+    real: FeatureAccumulator,
+    fake: FeatureAccumulator,
+    metric: str,
+    kernel: str,
+    settings: MetricSettings | None = None,
+    manifold: bool = True,
 ) -> tuple[dict[str, float | None], list[dict[str, Any]], list[str]]:
     """(metrics, per-class rows, notes) of generated vs real features.
 
-    metrics: `<metric>` (Frechet distance of the whole sets), `<metric>_class_mean` (mean over
+    metrics: `<metric>` (Frechet distance of the whole sets), `<kernel>_mean` / `_std` (KID
+    on the reservoir subsets), `<metric>_class_mean` / `<kernel>_class_mean` (means over the
     classes with a value), `<metric>_real_halves` (two random halves of the real set: the
-    floor sampling noise alone gives), precision / recall (k-NN, Kynkaanniemi et al.),
-    density / coverage (Naeem et al.). A metric that cannot be computed is None, with a note.
+    floor sampling noise alone gives), and with `manifold` precision / recall (k-NN,
+    Kynkaanniemi et al.) and density / coverage (Naeem et al.). A metric that cannot be
+    computed is None, with a note.
     """
+    settings = settings or MetricSettings()
     notes: list[str] = []
-    metrics: dict[str, float | None] = {metric: _fd(real.total, fake.total)}
+    metrics: dict[str, float | None] = {metric: _fd(real.total, fake.total, settings.frechet)}
     if metrics[metric] is None:
         notes.append(f"{metric}: needs at least 2 real and 2 generated samples")
+    rs, fs = real.subset, fake.subset
+    metrics[f"{kernel}_mean"] = metrics[f"{kernel}_std"] = None
+    if len(rs) >= 2 and len(fs) >= 2:
+        metrics[f"{kernel}_mean"], metrics[f"{kernel}_std"], _ = kernel_distance(
+            rs.rows, fs.rows, settings.kid_subsets, settings.kid_subset_size, settings.seed
+        )
+    else:
+        notes.append(f"{kernel}: needs at least 2 real and 2 generated samples")
     rows: list[dict[str, Any]] = []
     if real.per_class is not None and fake.per_class is not None and fake.per_class:
-        for c in sorted(set(real.per_class) | set(fake.per_class)):
-            r, f = real.per_class.get(c, FeatureStats()), fake.per_class.get(c, FeatureStats())
-            rows.append({"label": c, "value": _fd(r, f), "real": r.count, "generated": f.count})
-        values = [row["value"] for row in rows if row["value"] is not None]
-        metrics[f"{metric}_class_mean"] = float(np.mean(values)) if values else None
+        rows = _class_rows(real, fake, settings)
+        metrics[f"{metric}_class_mean"] = _mean_of([row["value"] for row in rows])
+        metrics[f"{kernel}_class_mean"] = _mean_of([row["kid"] for row in rows])
     if real.halves is not None:
-        metrics[f"{metric}_real_halves"] = _fd(*real.halves)
-    rs, fs = real.subset, fake.subset
-    if len(rs) > k and len(fs) > k:
-        metrics["precision"], metrics["recall"] = precision_recall(rs.rows, fs.rows, k=k)
-        metrics["density"], metrics["coverage"] = density_coverage(rs.rows, fs.rows, k=k)
-    else:
-        notes.append(f"k-NN metrics need more than k={k} samples per side")
-        metrics.update(precision=None, recall=None, density=None, coverage=None)
+        metrics[f"{metric}_real_halves"] = _fd(*real.halves, settings.frechet)
+    if manifold:
+        metrics.update(_manifold_metrics(rs, fs, settings, notes))
     return metrics, rows, notes
+
+
+def _manifold_metrics(
+    rs: Reservoir, fs: Reservoir, settings: MetricSettings, notes: list[str]
+) -> dict[str, float | None]:
+    out: dict[str, float | None] = dict.fromkeys(("precision", "recall", "density", "coverage"))
+    k, ck = settings.nearest_k, settings.coverage_k
+    if len(rs) > k and len(fs) > k:
+        out["precision"], out["recall"] = precision_recall(rs.rows, fs.rows, k=k)
+    else:
+        notes.append(f"precision/recall need more than k={k} samples per side")
+    if len(rs) > ck and len(fs) > ck:
+        out["density"], out["coverage"] = density_coverage(rs.rows, fs.rows, k=ck)
+    else:
+        notes.append(f"density/coverage need more than k={ck} samples per side")
+    return out
 
 
 def json_number(value: Any) -> Any:

@@ -12,14 +12,8 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from dedt_ray.config import Config, ConfigError, TrainConfig
+from dedt_ray.config import Config, ConfigError, ModelConfig, TrainConfig
 
-# Default steps as a share of train.steps, equal for reference and proxy as in DoReMi. The
-# reference costs one training step per step, the proxy one plus a reference forward (~1/3):
-# 0.035 + 0.035 * 4/3 ~ 8.2% of the final training at the same batch size (DoReMi: ~8%).
-# See docs/reweight.md.
-REFERENCE_SHARE = 0.035
-PROXY_SHARE = 0.035
 WEIGHTS_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
@@ -29,17 +23,28 @@ WEIGHTS_FILES = (
 Which = Literal["reference", "reweight"]
 
 
-def stage_steps(cfg: Config, which: Which) -> int:
-    """Optimizer steps of the reference (trained) or the proxy."""
-    if which == "reference":
-        return cfg.reference.steps or max(1, round(REFERENCE_SHARE * cfg.train.steps))
-    return cfg.reweight.steps or max(1, round(PROXY_SHARE * cfg.train.steps))
+def proxy_model(cfg: Config) -> ModelConfig:
+    """The small architecture reference and proxy share: `model.*` with `reweight.proxy_model`
+    applied, by default half the widths (each a multiple of `model.norm_num_groups`, as
+    DoReMi's proxies are small models of the final model's family). Raises ConfigError."""
+    overrides = cfg.reweight.proxy_model
+    if overrides is None:
+        groups = cfg.model.norm_num_groups
+        widths = [max(groups, c // 2 // groups * groups) for c in cfg.model.block_out_channels]
+        overrides = {"block_out_channels": widths}
+    try:
+        return ModelConfig.model_validate({**cfg.model.model_dump(), **overrides})
+    except ValidationError as exc:
+        msgs = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"reweight.proxy_model {overrides}: {msgs}") from None
 
 
-def stage_train_config(cfg: Config, which: Which) -> TrainConfig:
+def stage_train_config(cfg: Config, which: Which, steps: int) -> TrainConfig:
     """`train.*` with the stage's steps and batch size, a warmup of at most 10% of the steps,
     and class-weighted sampling (uniform class weights). Raises ConfigError."""
-    steps = stage_steps(cfg, which)
     section = cfg.reference if which == "reference" else cfg.reweight
     batch = section.batch_size or cfg.train.batch_size
     values = cfg.train.model_dump()
@@ -47,6 +52,11 @@ def stage_train_config(cfg: Config, which: Which) -> TrainConfig:
         steps=steps,
         batch_size=batch,
         warmup_steps=min(cfg.train.warmup_steps, steps // 10),
+        log_every=max(1, min(cfg.train.log_every, steps // 20)),  # a curve to judge it by
+        epochs=None,  # the reference and proxy run for their planned steps
+        infobatch={"enabled": False},
+        eval_every=None,
+        until="steps",
         class_weighting="sampling",
     )
     try:
@@ -58,9 +68,11 @@ def stage_train_config(cfg: Config, which: Which) -> TrainConfig:
         ) from None
 
 
-def stage_config(cfg: Config, which: Which) -> Config:
-    """The config the trainer runs with for the reference or the proxy."""
-    return cfg.model_copy(update={"train": stage_train_config(cfg, which)})
+def stage_config(cfg: Config, which: Which, steps: int) -> Config:
+    """The config the trainer runs with for the reference or the proxy: the small model."""
+    return cfg.model_copy(
+        update={"model": proxy_model(cfg), "train": stage_train_config(cfg, which, steps)}
+    )
 
 
 def pretrained_unet_dir(path: str) -> str:
@@ -95,12 +107,30 @@ def pretrained_unet_dir(path: str) -> str:
     )
 
 
+def check_reference_classes(embeds: int | None, k: int, conditional: bool) -> None:
+    """The reference must see what the proxy sees: with K classes, a class-conditional proxy
+    needs a reference with K (or K + 1, with a null class) class embeddings, an unconditional
+    proxy one without (or with a null class, which the reference is then given). ConfigError
+    names both sides otherwise."""
+    if conditional and embeds in (k, k + 1):
+        return
+    if not conditional and embeds in (None, k + 1):
+        return
+    proxy = f"class-conditional over {k} classes" if conditional else "unconditional"
+    raise ConfigError(
+        f"reference: the reference model has {embeds} class embeddings but the proxy is {proxy} "
+        f"(model.class_conditional={conditional}, {k} classes in the data): "
+        f"{'K or K + 1' if conditional else 'none or K + 1'} embeddings are needed"
+    )
+
+
 def check_reweight(cfg: Config) -> None:
     """Fail fast (ConfigError) on settings the reference / reweight stages cannot run with."""
     if not cfg.reweight.enabled:
         return
+    proxy_model(cfg)
     if cfg.reference.pretrained:
         pretrained_unet_dir(cfg.reference.pretrained)
     else:
-        stage_train_config(cfg, "reference")
-    stage_train_config(cfg, "reweight")
+        stage_train_config(cfg, "reference", cfg.reference.steps or 10)
+    stage_train_config(cfg, "reweight", cfg.reweight.steps or 10)

@@ -52,3 +52,11 @@ def train_flops_estimate(
 def cost_fraction(cost: int, train_flops: float) -> float | None:
     """The search's share of the final training's FLOPs (None without a training estimate)."""
     return cost / train_flops if train_flops else None
+
+
+def equal_steps(budget: float, final_flops: float, flops_per_step_pair: float) -> int:
+    """Steps `s` for reference and proxy each with `s x (one reference step + one proxy step
+    with its reference forward) <= budget x the final training's FLOPs` (at least 1)."""
+    if flops_per_step_pair <= 0:
+        raise ValueError(f"flops per step must be positive, got {flops_per_step_pair}")
+    return max(1, int(budget * final_flops // flops_per_step_pair))

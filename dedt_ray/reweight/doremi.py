@@ -2,8 +2,9 @@
 
 One step: `alpha' = softmax(log alpha + eta * excess)`, then `(1 - c) * alpha' + c / K`.
 The excess of class i is the mean over its batch samples of `max(l_proxy - l_ref, 0)`; a class
-absent from the batch keeps its previous excess. The output weights are the running mean of
-all weights, starting from the uniform initial ones.
+absent from the batch keeps its previous excess, which starts at `initial_excess` (DoReMi: the
+loss of a uniform predictor, so a class not yet seen is not pushed down). The output weights
+are the running mean of all weights, starting from the uniform initial ones.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ class GroupDRO:
     `step` does all three for a single process.
     """
 
-    def __init__(self, num_classes: int, eta: float = 1.0, smoothing: float = 1e-3) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        eta: float = 1.0,
+        smoothing: float = 1e-3,
+        initial_excess: float = 0.0,
+    ) -> None:
         is_int = isinstance(num_classes, Integral) and not isinstance(num_classes, bool)
         if not is_int or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
@@ -77,7 +84,9 @@ class GroupDRO:
         self.smoothing = float(smoothing)
         self.weights = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
         self.average = self.weights.clone()
-        self.excess = torch.zeros(num_classes, dtype=torch.float64)
+        if not initial_excess >= 0:
+            raise ValueError(f"initial_excess must be >= 0, got {initial_excess}")
+        self.excess = torch.full((num_classes,), float(initial_excess), dtype=torch.float64)
         self.num_updates = 0
 
     def class_sums(

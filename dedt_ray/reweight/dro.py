@@ -1,15 +1,17 @@
-"""The DoReMi proxy loss: a drop-in for `core.training_loss` that runs Group DRO every call.
+"""The DoReMi proxy loss: a drop-in for `core.training_loss` that runs Group DRO, as DoReMi does.
 
 `DROSpec` is the trainer's loss hook (`dedt_ray.diffusion.job.LossSpec`): the reweight stage
 puts one in the job, and each worker builds its `DROLoss` from it.
 
 Per micro-batch: draw (t, noise) once, compute the per-sample denoising losses of the proxy
-(with gradients) and of the frozen reference (without) on the same (x_t, t, noise), sum the
-excess per class (`GroupDRO.class_sums`), all-reduce sums and counts over the DDP ranks,
-update the weights (`update_from_sums`: identical on every rank) and return the proxy loss
-weighted by the *updated* weights.
+(with gradients) and of the frozen reference (without) on identical inputs (the same x_t, t,
+noise and true labels: no label dropout in the proxy run), add the excess per class to this
+optimizer step's sums (`GroupDRO.class_sums`), and return the proxy loss weighted by the
+current weights. After the optimizer step (`after_step`) the sums of every micro-batch are
+all-reduced over the DDP ranks and the weights update once (`update_from_sums`), as DoReMi
+updates once per optimizer step over all micro-batches and ranks.
 
-The weighted loss is normalised by the weight sum of the whole global batch, not of the
+The weighted loss is normalised by the weight sum of the whole global micro-batch, not of the
 rank's share, so the DDP-averaged gradient equals the single-process gradient on the same
 global batch: 1 and N workers train the same proxy and find the same weights.
 """
@@ -48,8 +50,9 @@ def load_reference_unet(path: str, device: torch.device | str = "cpu") -> nn.Mod
 class DROLoss:
     """`loss_fn` for `core.train_step` that trains a proxy by Group DRO against `reference`.
 
-    `record(step)` after each optimizer step keeps the trace (weights, average, excess);
-    `state_dict` / `load_state_dict` carry GroupDRO and the trace through checkpoints.
+    `after_step(step)` after each optimizer step updates the weights from the step's excess
+    and keeps the trace (weights, average, excess, classes present); `state_dict` /
+    `load_state_dict` carry GroupDRO and the trace through checkpoints.
     """
 
     def __init__(
@@ -60,9 +63,10 @@ class DROLoss:
         smoothing: float,
         world: int = 1,
         distributed: bool = False,
+        initial_excess: float = 0.0,
     ) -> None:
         self.reference = reference.eval().requires_grad_(False)
-        self.dro = GroupDRO(num_classes, eta, smoothing)
+        self.dro = GroupDRO(num_classes, eta, smoothing, initial_excess)
         self.world, self.distributed = int(world), bool(distributed)
         embeds = getattr(getattr(reference, "config", None), "num_class_embeds", None)
         if embeds not in (None, num_classes, num_classes + 1):
@@ -71,8 +75,12 @@ class DROLoss:
                 f"or {num_classes + 1} (with a null class) for {num_classes} classes, or none"
             )
         self.ref_embeds = embeds
+        self._sums = torch.zeros(num_classes, dtype=torch.float64)
+        self._counts = torch.zeros(num_classes, dtype=torch.float64)
         self._steps: list[int] = []
-        self._trace: dict[str, list[torch.Tensor]] = {"weight": [], "average": [], "excess": []}
+        self._trace: dict[str, list[torch.Tensor]] = {
+            "weight": [], "average": [], "excess": [], "present": []
+        }  # fmt: skip
 
     def __call__(
         self,
@@ -87,21 +95,23 @@ class DROLoss:
         """Same signature as `core.training_loss`; `labels` are the true classes (required)."""
         if labels is None:
             raise ValueError("DRO reweighting needs class labels")
-        draw = draw_noise(x0, labels, scheduler.config.num_train_timesteps, generator, cfg)
-        return self.loss(
-            model, scheduler, x0, labels, draw.cond, draw.t, draw.noise, sample_weights, cfg
-        )
+        draw = draw_noise(x0, None, scheduler.config.num_train_timesteps, generator, cfg)
+        return self.loss(model, scheduler, x0, labels, draw.t, draw.noise, sample_weights, cfg)
 
     def _reference_labels(
-        self, labels: torch.Tensor, cond: torch.Tensor | None
+        self, labels: torch.Tensor, proxy_conditional: bool
     ) -> torch.Tensor | None:
-        """The reference sees what the proxy sees (dropped labels -> its null class)."""
-        k = self.dro.num_classes
+        """What the proxy sees: the true labels, or "no label" (None, or the reference's null
+        class when it has one) for an unconditional proxy."""
         if self.ref_embeds is None:
             return None
-        if self.ref_embeds == k:  # no null class: it can only be given the true labels
+        if proxy_conditional:
             return labels
-        return cond if cond is not None else torch.full_like(labels, k)
+        if self.ref_embeds == self.dro.num_classes:
+            raise ValueError(
+                "an unconditional proxy needs a reference without a label or with a null class"
+            )
+        return torch.full_like(labels, self.dro.num_classes)
 
     def loss(
         self,
@@ -109,45 +119,52 @@ class DROLoss:
         scheduler: Any,
         x0: torch.Tensor,
         labels: torch.Tensor,
-        cond: torch.Tensor | None,
         t: torch.Tensor,
         noise: torch.Tensor,
         sample_weights: torch.Tensor | None = None,
         cfg: LossConfig | None = None,
     ) -> torch.Tensor:
-        """DRO update from this (x0, t, noise) and the proxy's weighted loss (scalar)."""
+        """Add this micro-batch's excess to the step's sums; the proxy's weighted loss."""
         import torch.distributed as dist
 
-        l_proxy = denoising_loss(model, scheduler, x0, cond, t, noise)
+        conditional = _class_embeds(model) is not None
+        l_proxy = denoising_loss(model, scheduler, x0, labels if conditional else None, t, noise)
         with torch.no_grad():
-            ref_labels = self._reference_labels(labels, cond)
+            ref_labels = self._reference_labels(labels, conditional)
             l_ref = denoising_loss(self.reference, scheduler, x0, ref_labels, t, noise)
         w_t = timestep_weights(scheduler, t, cfg.min_snr_gamma) if cfg is not None else None
         if w_t is not None:
             l_proxy, l_ref = l_proxy * w_t, l_ref * w_t
         sums, counts = self.dro.class_sums(l_proxy, l_ref, labels)
-        if self.distributed:
-            both = torch.stack([sums, counts])
-            dist.all_reduce(both)
-            sums, counts = both[0], both[1]
-        self.dro.update_from_sums(sums, counts)
+        self._sums += sums.cpu()
+        self._counts += counts.cpu()
         per_sample = l_proxy * sample_weights if sample_weights is not None else l_proxy
-        local = self.dro.weights[labels.cpu()].sum()
-        total = (self.dro.weights * counts.cpu()).sum()  # weight sum of the global batch
-        scale = float(local * self.world / total)
-        return self.dro.weighted_loss(per_sample, labels) * scale
+        w = self.dro.weights.to(per_sample.device, per_sample.dtype)[labels.to(per_sample.device)]
+        total = w.sum().detach()
+        if self.distributed:  # the weight sum of the global micro-batch
+            total = total.clone()
+            dist.all_reduce(total)
+        return (w * per_sample).sum() * self.world / total
 
     # -- trace and state -------------------------------------------------------------
     def after_step(self, step: int) -> None:
-        """The trainer's hook after each optimizer step: keep the trace."""
-        self.record(step)
+        """One weight update from optimizer step `step`'s excess (all micro-batches and ranks),
+        then keep the trace."""
+        import torch.distributed as dist
 
-    def record(self, step: int) -> None:
-        """Keep the weights after optimizer step `step`."""
+        both = torch.stack([self._sums, self._counts])
+        if self.distributed:
+            both = both.to(_device(self.reference))
+            dist.all_reduce(both)
+        sums, counts = both[0].cpu(), both[1].cpu()
+        self.dro.update_from_sums(sums, counts)
+        self._sums.zero_()
+        self._counts.zero_()
         self._steps.append(int(step))
         self._trace["weight"].append(self.dro.weights.clone())
         self._trace["average"].append(self.dro.average.clone())
         self._trace["excess"].append(self.dro.excess.clone())
+        self._trace["present"].append((counts > 0).to(torch.float64))
 
     def trace(self) -> dict[str, torch.Tensor]:
         """step [n] and weight / average / excess [n, K] (float64)."""
@@ -168,6 +185,16 @@ class DROLoss:
             self._trace[name] = list(trace[name].to(torch.float64).unbind(0))
 
 
+def _class_embeds(model: nn.Module) -> int | None:
+    """`num_class_embeds` of a (possibly DDP-wrapped) UNet."""
+    inner = getattr(model, "module", model)
+    return getattr(getattr(inner, "config", None), "num_class_embeds", None)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @dataclass(frozen=True)
 class DROSpec:
     """The trainer's loss hook for a DoReMi proxy run: Group DRO against a frozen reference.
@@ -178,6 +205,7 @@ class DROSpec:
     num_classes: int
     eta: float
     smoothing: float
+    initial_excess: float = 0.0
     needs_labels: bool = True  # the excess is per class, also for unconditional models
 
     def build(self, worker: WorkerInfo) -> DROLoss:
@@ -188,4 +216,5 @@ class DROSpec:
             self.smoothing,
             worker.world,
             worker.distributed,
+            self.initial_excess,
         )

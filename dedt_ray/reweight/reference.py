@@ -1,11 +1,11 @@
 """Stage `reference`: the reference DM that the DRO proxy is measured against.
 
-Either trained by the trainer library (Ray Train; uniform class weights; on the `select`
-subset or the full data, `reference.data`; `reference.steps`, by default 3.5% of
-`train.steps`) or
-copied from a user's diffusers UNet2DModel folder (`reference.pretrained`). Either way the
-artifact is `<run>/reference/model/` in the trainer's export layout (unet/, scheduler/,
-dedt_model.json), which `load_export` reads.
+Either trained by the trainer library as DoReMi trains its reference (the small model
+`reweight.proxy_model`, uniform class weights, the full data by default, `reference.data`; as
+many steps as the proxy within `reweight.budget`, `dedt_ray.reweight.plan`) or copied from a
+user's diffusers UNet2DModel folder (`reference.pretrained`, compute counted as zero), checked
+against the data first. Either way the artifact is `<run>/reference/model/` in the trainer's
+export layout (unet/, scheduler/, dedt_model.json), which `load_export` reads.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ from dedt_ray.diffusion.trainer import (
     training_rows,
     write_history,
 )
-from dedt_ray.reweight.checks import check_reweight, pretrained_unet_dir, stage_config
+from dedt_ray.reweight.checks import (
+    check_reference_classes,
+    check_reweight,
+    pretrained_unet_dir,
+    stage_config,
+)
+from dedt_ray.reweight.plan import plan_dro
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
@@ -82,6 +88,34 @@ def check_scheduler(cfg: Config, folder: str) -> None:
         )
 
 
+FLAT = 0.05  # a loss falling less than this over the last quarter of the run counts as flat
+
+
+def loss_trend(history: list[dict[str, Any]]) -> float | None:
+    """Relative change of the mean logged loss from the third to the last quarter of a run
+    (negative: still falling); None with fewer than 4 log points."""
+    losses = [h["loss"] for h in history]
+    if len(losses) < 4:
+        return None
+    q = len(losses) // 4
+    third, last = np.mean(losses[-2 * q : -q]), np.mean(losses[-q:])
+    return float((last - third) / third)
+
+
+def data_classes(cfg: Config, inputs: TrainingInputs) -> int:
+    """The number of classes in the data (from the source's class list, else its labels)."""
+    from dedt_ray.data import open_source
+
+    classes = (inputs.latent_info or {}).get("classes") if cfg.model.latent else None
+    if classes is None and not cfg.model.latent:
+        source = open_source(cfg.data)
+        classes = source.classes
+        if classes is None:
+            labels = source.dataset.select_columns(["label"]).max("label")
+            return int(labels) + 1 if labels is not None and labels >= 0 else 0
+    return len(classes or [])
+
+
 def copy_pretrained(cfg: Config, store: RunStore, inputs: TrainingInputs) -> dict[str, Any]:
     """Validate the user's UNet against the data and write it in the export layout."""
     from diffusers import UNet2DModel
@@ -102,6 +136,7 @@ def copy_pretrained(cfg: Config, store: RunStore, inputs: TrainingInputs) -> dic
             f"data need ({size}, {channels}, {channels})"
         )
     embeds = unet.config.num_class_embeds
+    check_reference_classes(embeds, data_classes(cfg, inputs), cfg.model.class_conditional)
     info = {
         "source": "pretrained",
         "pretrained": os.path.abspath(path),
@@ -141,12 +176,15 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         log.warning("reference: %s, nothing to reweight; no reference trained", reason)
         return {"skipped": reason, "steps": 0, "flops": 0, "summary": f"skipped: {reason}"}
     spec = model_spec(cfg, labels, classes, data)
-    rcfg = stage_config(cfg, "reference")
+    plan = plan_dro(cfg, spec)
+    rcfg = stage_config(cfg, "reference", plan.reference_steps)
     key = resume_key(rcfg, inputs.used, stage=OUT, data=cfg.reference.data)
     log.info(
-        "reference: %d rows (%s), uniform class weights, %d steps of batch %d",
+        "reference: %d rows (%s), uniform class weights, %d steps of batch %d, model %s; "
+        "reference + proxy planned at %.1f%% of the final training's FLOPs",
         len(labels), "subset" if inputs.selection is not None else "all rows",
-        rcfg.train.steps, rcfg.train.batch_size,
+        rcfg.train.steps, rcfg.train.batch_size, rcfg.model.block_out_channels,
+        100 * plan.planned_fraction,
     )  # fmt: skip
     job = make_job(rcfg, spec, labels, weights, key)
     metrics, state = fit(rcfg, store, job, rows, OUT)
@@ -155,11 +193,21 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     keep_checkpoints(store, OUT, key)
     done = run_summary(state, metrics)
     loss = metrics.get("loss", float("nan"))
+    trend = loss_trend(state["history"])
+    if trend is not None and trend < -FLAT:
+        log.warning(
+            "reference: the loss still fell %.1f%% over the last quarter of its run; a longer "
+            "reference (reweight.budget, reference.steps) measures the excess more faithfully",
+            -100 * trend,
+        )
     return {
         "source": "trained",
         "data": "subset" if inputs.selection is not None else "full",
         "rows": int(len(labels)),
         **done,
+        "loss_trend_last_quarter": trend,
+        "dro_plan": plan.to_dict(),
+        "model_config": rcfg.model.model_dump(mode="json"),
         "batch_size": rcfg.train.batch_size,
         "inputs": inputs.used,
         "model": store.uri(export),

@@ -32,9 +32,10 @@ from dedt_ray.diffusion.trainer import (
     training_rows,
     write_history,
 )
-from dedt_ray.reweight.checks import check_reweight, stage_config
-from dedt_ray.reweight.cost import cost_fraction, dro_cost, train_flops_estimate
+from dedt_ray.reweight.checks import check_reference_classes, check_reweight, stage_config
+from dedt_ray.reweight.cost import cost_fraction, dro_cost
 from dedt_ray.reweight.dro import DROSpec
+from dedt_ray.reweight.plan import plan_dro
 from dedt_ray.reweight.plots import final_weights_png, weights_over_steps_png
 from dedt_ray.reweight.reference import uniform_weights
 from dedt_ray.stages import StageContext
@@ -79,6 +80,7 @@ def trace_table(trace: dict[str, Any], names: list[str]) -> pa.Table:
             "weight": trace["weight"].numpy().reshape(-1),
             "average": trace["average"].numpy().reshape(-1),
             "excess": trace["excess"].numpy().reshape(-1),
+            "present": trace["present"].numpy().reshape(-1) > 0,  # in the step's global batch
         }
     )
 
@@ -101,29 +103,35 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         return _skip("a single class")
     names = class_names(store, classes, k)
     embeds = store.read_json(*REFERENCE, "unet", "config.json").get("num_class_embeds")
-    if embeds not in (None, k, k + 1):
-        raise ValueError(f"the reference has {embeds} class embeddings; the data have {k} classes")
+    check_reference_classes(embeds, k, spec.num_classes > 0)  # before any proxy step
 
-    pcfg, rw = stage_config(cfg, "reweight"), cfg.reweight
-    dro = DROSpec(store.uri(store.path(*REFERENCE)), k, rw.eta, rw.smoothing)
+    plan, rw = plan_dro(cfg, spec), cfg.reweight
+    pcfg = stage_config(cfg, "reweight", plan.proxy_steps)
+    initial = rw.initial_excess
+    if initial is None:
+        initial = initial_excess(pcfg, rows, not spec.latent)
+    dro = DROSpec(store.uri(store.path(*REFERENCE)), k, rw.eta, rw.smoothing, initial)
     key = resume_key(pcfg, inputs.used, loss=dro, stage=OUT)
     log.info(
-        "reweight: proxy on %d rows (%s), %d classes, %d steps of batch %d, eta %g, c %g",
-        len(labels), "subset" if inputs.selection is not None else "all rows", k,
-        pcfg.train.steps, pcfg.train.batch_size, rw.eta, rw.smoothing,
+        "reweight: proxy %s on %d rows (%s), %d classes, %d steps of batch %d, eta %g, c %g, "
+        "initial excess %.3g",
+        pcfg.model.block_out_channels, len(labels),
+        "subset" if inputs.selection is not None else "all rows", k,
+        pcfg.train.steps, pcfg.train.batch_size, rw.eta, rw.smoothing, initial,
     )  # fmt: skip
     job = make_job(pcfg, spec, labels, uniform_weights(labels, classes), key, loss=dro)
     metrics, state = fit(pcfg, store, job, rows, OUT)
     write_history(store, state["history"], OUT)
     keep_checkpoints(store, OUT, key)
     average = write_weights(store, state, names, rw.eta, rw.smoothing)
-    cost = search_cost(cfg, pcfg, store, state, inputs.manifests["reference"])
+    cost = search_cost(pcfg, store, state, inputs.manifests["reference"], plan.final_flops)
     hi, lo = int(np.argmax(average)), int(np.argmin(average))
     summary = (
         f"{state['step']} DRO steps, weights {average[lo]:.3f} ({names[lo]}) .. "
         f"{average[hi]:.3f} ({names[hi]}); reference + proxy = {cost['flops_fraction']:.1%} "
-        f"of the train stage's FLOPs"
+        f"of the final training's FLOPs"
     )
+    present = state["loss"]["trace"]["present"].numpy()
     return {
         "rows": int(len(labels)),
         "classes": k,
@@ -131,6 +139,9 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "num_updates": int(state["loss"]["group_dro"]["num_updates"]),
         "eta": rw.eta,
         "smoothing": rw.smoothing,
+        "initial_excess": initial,
+        "class_coverage": float(present.mean()) if present.size else None,  # per global batch
+        "dro_plan": plan.to_dict(),
         "class_weights": average.tolist(),
         "class_names": names,
         "final_loss": metrics.get("loss"),
@@ -177,7 +188,11 @@ def write_weights(
 
 
 def search_cost(
-    cfg: Config, pcfg: Config, store: RunStore, state: dict[str, Any], reference: dict[str, Any]
+    pcfg: Config,
+    store: RunStore,
+    state: dict[str, Any],
+    reference: dict[str, Any],
+    final_flops: float,
 ) -> dict[str, Any]:
     """Reference + proxy FLOPs and their share of the final training (manifest fields)."""
     steps, batch = state["step"], pcfg.train.batch_size
@@ -189,12 +204,26 @@ def search_cost(
         reference_forward_flops(store, micro),
         batch // micro,
     )
-    estimate = train_flops_estimate(
-        cfg.train.steps, state["flops_per_step"], cfg.train.batch_size, batch
-    )
     return {
         "flops": cost.parts(),
         "search_flops": cost.total,
-        "train_flops_estimate": estimate,
-        "flops_fraction": cost_fraction(cost.total, estimate),
+        "train_flops_estimate": final_flops,
+        "flops_fraction": cost_fraction(cost.total, final_flops),
+        "reference_pretrained": reference.get("source") == "pretrained",
     }
+
+
+def initial_excess(pcfg: Config, rows: Any, pixels: bool) -> float:
+    """The zero predictor's loss for the prediction type (DoReMi starts every domain at the
+    loss of a uniform predictor), with E[x0^2] from up to 512 rows for v-prediction."""
+    from dedt_ray.diffusion.core import zero_prediction_loss
+    from dedt_ray.diffusion.models import build_noise_scheduler
+
+    moment = 1.0
+    if pcfg.model.prediction_type == "v_prediction":
+        x = np.concatenate(
+            [b["x"] for b in rows.iter_batches(batch_size=512, batch_format="numpy")][:1]
+        )
+        x = x.astype(np.float64) / 127.5 - 1.0 if pixels else x.astype(np.float64)
+        moment = float(np.mean(x**2))
+    return zero_prediction_loss(build_noise_scheduler(pcfg.model), pcfg.train.min_snr_gamma, moment)

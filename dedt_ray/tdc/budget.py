@@ -1,4 +1,4 @@
-"""FLOPs budgets per timestep group (TDC step 3) and FLOPs measurement.
+"""FLOPs budgets per timestep group (TDC step 3), FLOPs measurement and the search's FLOPs.
 
 ``FLOPs_g(i) = (i/N + (N - i)/N * k) * F`` for ``i = 1..N``: ``i = N`` is the full model ``F``,
 ``i = 1`` the smallest, ``(1/N + (N-1)/N * k) * F``. By default the noisiest group gets the
@@ -11,6 +11,7 @@ CPU flash-attention kernel is not counted by ``FlopCounterMode``, the math path 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -86,23 +87,34 @@ def model_flops(
 
 
 # -- accounting (pure arithmetic on measured FLOPs) -------------------------------------------
-TAYLOR_BATCHES, SCORE_BATCH = 4, 16  # Taylor importance batches and scoring batch size
-
-
-def search_flops(base_fwd: int, candidate_flops: list[int | None], n: int, score_steps: int) -> int:
-    """Training-equivalent FLOPs of one group's pruning search: Taylor importance on the base
-    model plus, per scored candidate (its forward FLOPs; None for a failed round), its
-    fine-tune and held-out evaluation (a forward + backward pass counted as 3 forward passes).
-    `n` images: a quarter held out, the rest fine-tuned on."""
-    n_held = max(1, n // 4)
-    n_train = n - n_held
-    total = 3 * base_fwd * TAYLOR_BATCHES * min(SCORE_BATCH, n)
+def search_flops(
+    base_fwd: int,
+    taylor_pairs: int,
+    candidate_flops: Sequence[int | None],
+    score_steps: int,
+    score_batch: int,
+    heldout: int,
+) -> int:
+    """Training-equivalent FLOPs of one group's pruning search, a forward + backward pass
+    counted as 3 forwards: Taylor importance (``taylor_pairs`` (image, timestep) pairs on the
+    base model of ``base_fwd`` FLOPs) plus, per scored candidate of ``candidate_flops`` FLOPs
+    (None: the round missed the budget, nothing ran), its fine-tune (``score_steps`` steps of
+    ``score_batch`` images) and its held-out evaluation (``heldout`` forwards)."""
+    total = 3 * base_fwd * taylor_pairs
     for flops in candidate_flops:
-        if flops is None:
-            continue
-        total += 3 * flops * score_steps * min(SCORE_BATCH, n_train)
-        total += flops * n_held
+        if flops is not None:
+            total += 3 * flops * score_steps * score_batch + flops * heldout
     return int(total)
+
+
+def stage2_steps(baseline: float, stage1: float, search: float, group_step_flops: list[int]) -> int:
+    """Stage-2 steps per group (the same for every group) that the single model's budget has
+    left after stage 1 and the search: `floor((baseline - stage1 - search) / sum_g F_g)`;
+    0 when nothing is left."""
+    per_round = sum(group_step_flops)
+    if per_round <= 0:
+        raise ValueError(f"group step FLOPs must be positive, got {group_step_flops}")
+    return max(0, int((baseline - stage1 - search) // per_round))
 
 
 def training_totals(

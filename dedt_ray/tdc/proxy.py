@@ -5,8 +5,9 @@ model to the group's FLOPs budget (the ratios give the shape, a multiplier fits 
 scored (lower is better) and recorded in the *memory bank* the proxy sees next round. The best
 candidate wins.
 
-- ``OptunaProxy`` (default): each round is a trial of an Optuna study (seeded TPE); the study,
-  persisted in SQLite, is the memory bank, so reopening it resumes the search.
+- ``OptunaProxy`` (default): each round is a trial of an Optuna study (seeded multivariate TPE,
+  random for its first ``n_startup_trials`` rounds only); the study, persisted in SQLite, is
+  the memory bank, so reopening it resumes the search.
 - ``LLMProxy``: an OpenAI-compatible chat-completions endpoint (the paper uses GPT-4), prompted
   with the architecture table, the budget, the group's SNR range and the memory bank. Answers
   must be a JSON object of block -> ratio; an invalid answer is sent back with the reason and
@@ -30,7 +31,7 @@ import optuna
 import torch
 from diffusers import UNet2DModel
 
-from dedt_ray.tdc.denoise import Batch, denoising_loss
+from dedt_ray.tdc.denoise import Batch, denoising_loss, stratified_timesteps
 from dedt_ray.tdc.pruning import BudgetError, UNetPruner
 
 
@@ -70,7 +71,9 @@ class PruningProxy(Protocol):
 
 
 class OptunaProxy:
-    """Rounds as trials of an Optuna study (TPE, seeded); SQLite storage makes it resumable."""
+    """Rounds as trials of an Optuna study (multivariate TPE, seeded); SQLite storage makes it
+    resumable. The first ``n_startup_trials`` trials of the study are random, every later one
+    is proposed from the finished trials (the memory bank)."""
 
     def __init__(
         self,
@@ -79,7 +82,7 @@ class OptunaProxy:
         study_name: str = "tdc",
         seed: int = 0,
         max_ratio: float = 0.9,
-        n_startup_trials: int = 5,
+        n_startup_trials: int = 2,
     ) -> None:
         """``storage_path``: an SQLite file (created or reopened); None keeps it in memory."""
         self.blocks = list(blocks)
@@ -94,7 +97,9 @@ class OptunaProxy:
             except KeyError:
                 done = 0
         # Seeding with the trial count keeps a resumed study from replaying its first proposals.
-        sampler = optuna.samplers.TPESampler(seed=seed + done, n_startup_trials=n_startup_trials)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed + done, n_startup_trials=n_startup_trials, multivariate=True
+        )
         self.study = optuna.create_study(
             study_name=study_name,
             storage=storage,
@@ -313,7 +318,8 @@ def denoising_score(
 ) -> float:
     """Held-out denoising loss on ``t_range`` after a short AdamW fine-tune of a copy of
     ``model`` on ``data``. Without ``heldout`` the last quarter of ``data`` is held out. The
-    held-out noise and timesteps depend only on ``seed``, so candidates are comparable."""
+    held-out timesteps are spread evenly over ``t_range`` (``stratified_timesteps``, one per
+    image) and the noise depends only on ``seed``, so candidates are comparable."""
     if heldout is None:
         n = data.images.shape[0]
         cut = n - max(1, n // 4)
@@ -333,12 +339,29 @@ def denoising_score(
     tuned.eval()
     gen = torch.Generator().manual_seed(seed + 1)
     total, m = 0.0, heldout.images.shape[0]
+    times = stratified_timesteps(t_range, m)
+    times = times[torch.arange(m) % len(times)]  # a range shorter than m: each t repeats
     with torch.no_grad():
         for start in range(0, m, batch_size):
             part = heldout.take(slice(start, start + batch_size))
-            loss = denoising_loss(tuned, scheduler, part, t_range, gen)
+            t = times[start : start + batch_size]
+            loss = denoising_loss(tuned, scheduler, part, t_range, gen, timesteps=t)
             total += float(loss) * part.images.shape[0]
     return total / m
+
+
+def search_images(available: int, taylor: int, score: int, heldout: int) -> tuple[int, int, int]:
+    """How many of ``available`` training images go to (Taylor importance, the candidates'
+    fine-tune, their held-out score): Taylor and the fine-tune share the first images, the
+    held-out ones come after them. With fewer than ``max(taylor, score) + heldout`` images the
+    held-out part shrinks to at most a quarter and the others to what is left."""
+    if available < 2:
+        raise ValueError(f"the pruning search needs at least 2 training images, got {available}")
+    if available >= max(taylor, score) + heldout:
+        return taylor, score, heldout
+    held = min(heldout, max(1, available // 4))
+    rest = available - held
+    return min(taylor, rest), min(score, rest), held
 
 
 def decide_group(
@@ -356,12 +379,15 @@ def decide_group(
     max_ratio: float = 0.9,
     seed: int = 0,
 ) -> tuple[dict[str, float], UNet2DModel, list[RoundRecord]]:
-    """Run ``rounds`` proxy rounds for one group; return (achieved ratios, model, history).
+    """Decide one group from ``rounds`` rounds; return (achieved ratios, model, history).
 
-    Channel importance is Taylor on ``group_range`` when ``scheduler`` and ``data`` are given
-    (else weight magnitude), unless a ready ``pruner`` is passed. A round whose proposal cannot
-    meet the budget is recorded with ``score=None``. Round numbers continue the proxy's memory
-    bank; the returned best is the best of *this* call's rounds (the model is not fine-tuned).
+    The first ``rounds`` rounds of the proxy's memory bank count, and only the missing ones
+    are run (numbered after the bank's last), so a resumed study continues instead of
+    starting over. ``history`` is the rounds that count, the winner the best of them, rebuilt
+    from its proposed ratios (the model is not fine-tuned). Channel importance is Taylor on
+    ``group_range`` when ``scheduler`` and ``data`` are given (else weight magnitude), unless
+    a ready ``pruner`` is passed. A round whose proposal cannot meet the budget is recorded
+    with ``score=None``.
     """
     if pruner is None:
         if scheduler is not None and data is not None:
@@ -369,10 +395,9 @@ def decide_group(
         else:
             pruner = UNetPruner(base_model, "magnitude")
     bank = proxy.memory_bank()
+    history = bank[:rounds]
     start = max((r.round for r in bank), default=-1) + 1
-    history: list[RoundRecord] = []
-    best: tuple[float, dict[str, float], UNet2DModel] | None = None
-    for r in range(start, start + rounds):
+    for r in range(start, start + rounds - len(history)):
         proposal = proxy.propose(r, bank)
         record = RoundRecord(r, proposal.proposer, dict(proposal.ratios), note=proposal.note)
         try:
@@ -384,13 +409,19 @@ def decide_group(
             record.achieved, record.flops = result.ratios, result.flops
             if math.isfinite(score):
                 record.score = score
-                if best is None or score < best[0]:
-                    best = (score, result.ratios, result.model)
             else:
                 record.note = f"{record.note}; non-finite score {score}".lstrip("; ")
         proxy.record(record)
         bank.append(record)
         history.append(record)
-    if best is None:
+    scored = [h for h in history if h.score is not None]
+    if not scored:
         raise BudgetError(f"no round met the budget {budget:.4g}: {[r.note for r in history]}")
-    return best[1], best[2], history
+    best = min(scored, key=lambda h: h.score)
+    result = pruner.prune_to_budget(budget, best.ratios, tol, max_ratio)
+    if any(abs(result.ratios[b] - best.achieved.get(b, -1.0)) > 1e-9 for b in result.ratios):
+        raise ValueError(
+            f"round {best.round} of the memory bank achieved {best.achieved}, but its ratios "
+            f"now give {result.ratios}: the bank was made for another base model or budget"
+        )
+    return result.ratios, result.model, history

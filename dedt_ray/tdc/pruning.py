@@ -11,8 +11,9 @@ How it works:
    never pruned, so ``conv_in``/``conv_out`` keep the image channels and the embedding inputs
    stay consistent.
 2. **Importance** of a channel is the first-order Taylor term ``sum |w * dL/dw|`` over every
-   weight tied to it in its group (Diff-Pruning; gradients of the denoising loss on the group's
-   timesteps, see ``taylor_gradients``), or ``sum |w|`` (``importance="magnitude"``).
+   weight tied to it in its group (Diff-Pruning; the gradient of the denoising loss of a batch
+   of images at timesteps spread over the group's range, see ``taylor_gradients``), or
+   ``sum |w|`` (``importance="magnitude"``).
 3. **Sets.** A group touching ``GroupNorm(G)`` or an attention with ``H`` heads is split into
    ``lcm(G, H)`` contiguous sets and the same positions are removed from every set. GroupNorm
    keeps ``num_groups`` and each group keeps its own channels; attention keeps its heads with a
@@ -60,7 +61,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from dedt_ray.tdc.budget import count_flops, example_inputs, model_flops
-from dedt_ray.tdc.denoise import Batch, denoising_loss
+from dedt_ray.tdc.denoise import Batch, denoising_loss, stratified_timesteps
 
 FORMAT = "dedt_ray.tdc.pruned/1"
 PRUNABLE = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding)
@@ -346,18 +347,37 @@ def taylor_gradients(
     scheduler: Any,
     data: Batch,
     t_range: tuple[int, int],
-    n_batches: int = 4,
-    batch_size: int = 16,
+    n_timesteps: int = 16,
+    batch_size: int = 32,
     seed: int = 0,
-) -> None:
-    """Fill ``model``'s ``.grad`` with the mean gradient of the denoising loss on ``t_range``."""
+    threshold: float = 0.0,
+) -> int:
+    """Fill ``model``'s ``.grad`` with the mean gradient of the denoising loss over every image
+    of ``data`` at each of ``n_timesteps`` timesteps spread over ``t_range`` (as Diff-Pruning:
+    one batch of images at every step of the range). Timesteps run from least to most noisy;
+    with ``threshold > 0`` the accumulation stops after the first timestep whose loss falls
+    below ``threshold`` x the largest loss so far (Diff-Pruning's ``thr``). Returns the number
+    of (image, timestep) pairs used."""
     model.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(seed)
     n = data.images.shape[0]
-    for _ in range(n_batches):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        loss = denoising_loss(model, scheduler, data.take(idx), t_range, gen) / n_batches
-        loss.backward()
+    pairs, loss_max = 0, 0.0
+    for t in stratified_timesteps(t_range, n_timesteps).tolist():
+        loss_t = 0.0
+        for start in range(0, n, batch_size):
+            part = data.take(slice(start, start + batch_size))
+            m = part.images.shape[0]
+            loss = denoising_loss(model, scheduler, part, t_range, gen, timesteps=t)
+            (loss * m).backward()
+            loss_t += float(loss.detach()) * m / n
+        pairs += n
+        loss_max = max(loss_max, loss_t)
+        if loss_t < threshold * loss_max:
+            break
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad /= pairs
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +402,7 @@ class UNetPruner:
     ) -> None:
         """Trace ``model`` (with Taylor importance its ``.grad`` must be filled)."""
         self.model = model
+        self.taylor_pairs = 0  # (image, timestep) pairs behind Taylor importance (from_denoising)
         self.blocks = block_names(model)
         self.groups = channel_groups(model, importance)
         counts = count_flops(model, example_inputs(model)).get_flop_counts()
@@ -412,14 +433,20 @@ class UNetPruner:
         scheduler: Any,
         data: Batch,
         t_range: tuple[int, int],
-        n_batches: int = 4,
-        batch_size: int = 16,
+        n_timesteps: int = 16,
+        batch_size: int = 32,
         seed: int = 0,
+        threshold: float = 0.0,
     ) -> UNetPruner:
-        """A pruner with Taylor importance from the loss on ``t_range`` (``model`` untouched)."""
+        """A pruner with Taylor importance from the loss on ``t_range`` (``model`` untouched);
+        see ``taylor_gradients``. ``taylor_pairs`` tells how many (image, t) pairs it used."""
         scored = copy.deepcopy(model)
-        taylor_gradients(scored, scheduler, data, t_range, n_batches, batch_size, seed)
-        return cls(scored, "taylor")
+        pairs = taylor_gradients(
+            scored, scheduler, data, t_range, n_timesteps, batch_size, seed, threshold
+        )
+        pruner = cls(scored, "taylor")
+        pruner.taylor_pairs = pairs
+        return pruner
 
     # -- cuts: positions removed per set, one entry per group ----------------------------------
 

@@ -1,0 +1,281 @@
+"""Quality along training: a Ray actor that scores the EMA weights a trainer sends it.
+
+`make_scorer(cfg, store, ...)` (called by a training stage through `StageContext.curve_scorer`,
+which the pipeline fills) resolves the evaluate stage's feature space, computes the real
+features once per run (cached under `<run>/curve/`), measures the noise floor (real images in
+place of generated ones, at the curve's sample count), and starts a `CurveScorer` actor. Rank 0
+of the trainer calls `submit` every `train.eval_every` steps without waiting: the actor samples
+`train.eval_samples` images (DDIM, `train.eval_steps` steps) and measures the Frechet and
+kernel distances while the workers go on. `status` answers at once (the actor runs two calls at
+a time) whether the curve has flattened (`curves.convergence`); `finish` waits for the pending
+scores and returns the points. A point is also appended to `<run>/_ray/<name>-curve.json`, so a
+resumed run keeps its earlier points.
+
+Composite models (TDC: one model per timestep group) send one submission per part (`key`); a
+point is scored when every part has sent that step, from `assemble(parts)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dedt_ray.config import Config, hash_json
+from dedt_ray.evaluate.curves import convergence, noise
+from dedt_ray.evaluate.features import FeatureExtractor, FeatureSpace
+from dedt_ray.evaluate.fid import FeatureStats, frechet_distance
+from dedt_ray.evaluate.kid import kernel_distance
+from dedt_ray.store import RunStore
+
+log = logging.getLogger("dedt_ray")
+CACHE = "curve"
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """What one curve point measures."""
+
+    samples: int
+    steps: int  # DDIM steps
+    patience: int
+    seed: int = 0
+    kid_subsets: int = 20
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CurveSettings:
+        tc = cfg.train
+        return cls(tc.eval_samples, tc.eval_steps, tc.patience, cfg.evaluate.seed)
+
+
+@dataclass
+class RealSide:
+    """The real images in the feature space: statistics of all, a subset for KID."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    subset: np.ndarray
+    count: int
+    noise_floor: float  # FD of `samples` real images against the other real images
+
+
+class CurveScorer:
+    """The actor (see the module docstring). `model_cfg` / `spec` build each part's model
+    through the submitted `source` (a trainer `ModelSource`)."""
+
+    def __init__(
+        self, space: FeatureSpace, real: RealSide, settings: CurveSettings, metric: str,
+        kernel: str, model_cfg: dict, spec: dict, classes: list[int] | None, parts: int = 1,
+        assemble: Callable[[list[Any]], Any] | None = None, log_path: str | None = None,
+        points: list[dict] | None = None, device: str = "cpu",
+    ) -> None:  # fmt: skip
+        import torch
+
+        torch.set_num_threads(1)
+        self.space, self.real, self.settings = space, real, settings
+        self.metric, self.kernel = metric, kernel
+        self.model_cfg, self.spec, self.classes = model_cfg, spec, classes
+        self.parts, self.assemble, self.device = parts, assemble, device
+        self.log_path = log_path
+        self.extract = FeatureExtractor(space, device)
+        self._points: list[dict] = list(points or [])
+        self._pending: dict[int, dict[int, tuple[dict, dict, Any]]] = {}
+        self._busy = 0
+        self._errors: list[str] = []
+        self._lock = threading.Condition()
+
+    # -- calls ---------------------------------------------------------------------------
+    def submit(self, point: dict, weights: dict, source: Any, key: int = 0) -> None:
+        """Score the weights at `point["step"]` (or hold them until every part has come)."""
+        with self._lock:
+            self._busy += 1
+            parts = self._pending.setdefault(int(point["step"]), {})
+            parts[key] = (point, weights, source)
+            ready = len(parts) == self.parts
+            if ready:
+                del self._pending[int(point["step"])]
+        try:
+            if ready:
+                row = self._score([parts[k] for k in sorted(parts)])
+                with self._lock:
+                    self._points.append(row)
+                    self._points.sort(key=lambda r: r["step"])
+                    self._write()
+        except Exception as exc:  # nobody waits on a submission: keep the error for finish()
+            log.exception("curve: scoring step %s failed", point.get("step"))
+            with self._lock:
+                self._errors.append(f"step {point.get('step')}: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._lock.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        """Whether the curve has flattened, its noise, and its points so far."""
+        with self._lock:
+            points = list(self._points)
+        sigma = self.noise(points)
+        stop, why = convergence([p[self.metric] for p in points], sigma, self.settings.patience)
+        return {"stop": stop, "why": why, "noise": sigma, "points": len(points),
+                "metric": self.metric, "kernel": self.kernel}  # fmt: skip
+
+    def finish(self, steps: list[int], timeout: float = 900.0) -> list[dict]:
+        """Every point, once the points of `steps` (what the trainer submitted) are scored."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._done(steps) and time.monotonic() < deadline:
+                self._lock.wait(timeout=1.0)
+            if not self._done(steps):
+                log.warning("curve: steps %s were never scored", sorted(set(steps) - self._seen()))
+            if self._errors:
+                raise RuntimeError(f"curve scoring failed: {'; '.join(self._errors[:3])}")
+            return list(self._points)
+
+    def _seen(self) -> set[int]:
+        return {int(p["step"]) for p in self._points} | {int(e.split(":")[0].split()[1])
+                                                         for e in self._errors}  # fmt: skip
+
+    def _done(self, steps: list[int]) -> bool:
+        return not self._busy and set(map(int, steps)) <= self._seen()
+
+    def noise(self, points: list[dict]) -> float:
+        return noise([p[f"{self.metric}_half_a"] for p in points],
+                     [p[f"{self.metric}_half_b"] for p in points])  # fmt: skip
+
+    # -- scoring -------------------------------------------------------------------------
+    def _model(self, parts: list[tuple[dict, dict, Any]]) -> Any:
+        from dedt_ray.config import ModelConfig
+        from dedt_ray.diffusion.models import ModelSpec
+
+        cfg = ModelConfig.model_validate(self.model_cfg)
+        spec = ModelSpec(**{k: v for k, v in self.spec.items() if k != "null_class"})
+        models = []
+        for _, weights, source in parts:
+            model = source.build(cfg, spec)
+            model.load_state_dict(weights)
+            models.append(model.to(self.device).eval())
+        return self.assemble(models) if self.assemble is not None else models[0]
+
+    def _score(self, parts: list[tuple[dict, dict, Any]]) -> dict[str, Any]:
+        import torch
+
+        from dedt_ray.config import ModelConfig
+        from dedt_ray.diffusion.models import build_noise_scheduler, sampling_scheduler
+        from dedt_ray.diffusion.sampling import generate
+
+        started, s = time.perf_counter(), self.settings
+        model = self._model(parts)
+        scheduler = sampling_scheduler(
+            build_noise_scheduler(ModelConfig.model_validate(self.model_cfg)), "ddim"
+        )
+        labels = None
+        if self.classes:
+            labels = [self.classes[i % len(self.classes)] for i in range(s.samples)]
+        gen = torch.Generator().manual_seed(s.seed)
+        with torch.no_grad():
+            images = generate(model, scheduler, labels, s.steps, 1.0, gen, num_samples=s.samples)
+        feats = self.extract(images).astype(np.float64)
+        point = {k: v for k, v in parts[0][0].items() if k not in ("flops", "offset")}
+        point["train_flops"] = sum(p[0]["flops"] for p in parts) + parts[0][0].get("offset", 0)
+        point.update(self._distances(feats), eval_seconds=time.perf_counter() - started)
+        point["noise_floor"] = self.real.noise_floor
+        return point
+
+    def _distances(self, feats: np.ndarray) -> dict[str, float]:
+        r = self.real
+        out = {self.metric: _fd(feats, r.mean, r.cov)}
+        half = len(feats) // 2
+        out[f"{self.metric}_half_a"] = _fd(feats[:half], r.mean, r.cov)
+        out[f"{self.metric}_half_b"] = _fd(feats[half:], r.mean, r.cov)
+        size = min(len(feats), len(r.subset), 1000)
+        mean, std, _ = kernel_distance(r.subset, feats, self.settings.kid_subsets, size,
+                                       self.settings.seed)  # fmt: skip
+        out[f"{self.kernel}_mean"], out[f"{self.kernel}_std"] = mean, std
+        return out
+
+    def _write(self) -> None:
+        if self.log_path is None:
+            return
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(self.log_path)
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(self._points).encode())
+
+
+def _fd(feats: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
+    stats_ = FeatureStats().update(feats)
+    return float(frechet_distance(stats_.mean, stats_.cov, mean, cov))
+
+
+# -- the factory (driver side) ------------------------------------------------------------------
+def real_side(cfg: Config, store: RunStore, space: FeatureSpace, gpus: float) -> RealSide:
+    """The real features' statistics and KID subset, computed once per run and cached."""
+    from dedt_ray.evaluate.stage import real_features
+
+    ev, samples = cfg.evaluate, cfg.train.eval_samples
+    key = hash_json(
+        {"space": space.describe(), "data": cfg.data.model_dump(mode="json"),
+         "max_real": ev.max_real, "subset": ev.manifold_samples, "n": samples}
+    )  # fmt: skip
+    name = f"real-{key}.npz"
+    if store.exists(CACHE, name):
+        import io
+
+        with np.load(io.BytesIO(store.read_bytes(CACHE, name))) as z:
+            return RealSide(z["mean"], z["cov"], z["subset"], int(z["count"]), float(z["floor"]))
+    acc = real_features(cfg, [space], gpus, per_class=False)[0]
+    subset = np.asarray(acc.subset.rows, np.float64)
+    floor = float("nan")
+    if len(subset) >= 2 * samples:  # what a curve point measures, with real images instead
+        order = np.random.default_rng(ev.seed).permutation(len(subset))
+        a, b = subset[order[:samples]], subset[order[samples:]]
+        other = FeatureStats().update(b)
+        floor = _fd(a, other.mean, other.cov)
+    real = RealSide(acc.total.mean, acc.total.cov, subset, acc.count, floor)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, mean=real.mean, cov=real.cov, subset=real.subset, count=real.count, floor=floor)
+    store.write_bytes(buf.getvalue(), CACHE, name)
+    return real
+
+
+def make_scorer(
+    cfg: Config,
+    store: RunStore,
+    spec: dict,
+    classes: list[int] | None,
+    name: str,
+    parts: int = 1,
+    assemble: Callable[[list[Any]], Any] | None = None,
+    model_cfg: dict | None = None,
+) -> Any:
+    """Start the curve actor for the run `name` (e.g. "train-<key>"); see the module docstring.
+    Earlier points of the same run (a resumed stage) are loaded from `<run>/_ray/`."""
+    import ray
+
+    from dedt_ray.evaluate.stage import resolve_feature_space
+    from dedt_ray.runtime import cluster_gpus
+
+    ev = cfg.evaluate
+    gpus = ev.gpus_per_actor if ev.gpus_per_actor is not None else min(1.0, cluster_gpus())
+    space, _ = resolve_feature_space(cfg, store, gpus)
+    real = real_side(cfg, store, space, gpus)
+    log_path = store.uri(store.path("_ray", f"{name}-curve.json"))
+    points = store.read_json("_ray", f"{name}-curve.json") if store.exists(
+        "_ray", f"{name}-curve.json") else []  # fmt: skip
+    store.fs.create_dir(posixpath.dirname(store.path("_ray", "x")), recursive=True)
+    actor = ray.remote(CurveScorer).options(num_cpus=0, num_gpus=gpus, max_concurrency=2)
+    return actor.remote(
+        space, real, CurveSettings.from_config(cfg), space.metric, space.kernel,
+        model_cfg or cfg.model.model_dump(mode="json"), spec, classes, parts, assemble,
+        log_path, points, "cuda" if gpus > 0 else "cpu",
+    )  # fmt: skip
