@@ -172,9 +172,9 @@ def card_sections(
     select = inputs.manifests.get("select")
     if select is not None:
         text = (
-            f"Trained on {len(labels)} of {select.get('rows')} images: per class the "
-            f"`{select.get('criterion')}` criterion kept the top {cfg.select.keep_ratio:.0%} "
-            f"in `{cfg.embed.encoder}` embedding space (dedt-ray `select`)."
+            f"Trained on {len(labels)} of {select.get('rows')} images: the `select` stage "
+            f"kept {cfg.select.keep_ratio:.0%} of every class by the "
+            f"`{select.get('criterion')}` criterion in `{cfg.embed.encoder}` embedding space."
         )
     else:
         text = f"Trained on all {len(labels)} source images (no selection)."
