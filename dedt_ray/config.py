@@ -1,13 +1,16 @@
 """The typed config tree of a run: YAML + dotted overrides, validated before any Ray work.
 
 Every section is a pydantic model that forbids unknown keys, so a typo fails loudly with the
-key's dotted path and, for choices, the allowed values.
+key's dotted path and, for choices, the allowed values. Types are strict: a boolean is not a
+number (`train.steps=true` fails) and a string is not a number; an int is accepted where a
+float is expected. YAML numbers such as `1e-3` (a string to YAML 1.1) read as floats.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +35,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class DataConfig(Section):
@@ -201,6 +204,10 @@ class TrainConfig(Section):
     # `patience` evaluations (train.steps is then the ceiling); "steps": train.steps
     until: Literal["steps", "converged"] = "steps"
     patience: int = Field(3, ge=1)
+    # metrics tracking of every training run: TensorBoard event files in <run>/tensorboard/,
+    # MLflow runs in tracking_uri (None: sqlite in <run>/mlruns/); docs/tracking.md
+    tracking: list[Literal["tensorboard", "mlflow"]] = []
+    tracking_uri: str | None = None
     fail_at_step: int | None = Field(None, ge=1)  # testing: raise once at this step if ...
     fail_flag: str | None = None  # ... this file exists (it is removed first)
 
@@ -434,6 +441,29 @@ class Config(Section):
         return self
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` and `1E5` as floats (YAML 1.2), not strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as config files and override values are read (safe; `1e-3` is a float)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -451,7 +481,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = read_yaml(raw) if raw != "" else ""
     return tree
 
 
@@ -465,7 +495,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, path: Path | None, overrides: list[str]) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<config>"
@@ -474,8 +504,21 @@ def _describe(err: ValidationError) -> str:
             parent = _section_at(e["loc"][:-1])
             allowed = ", ".join(parent.model_fields) if parent else ""
             msg = f"unknown key (allowed: {allowed})"
-        lines.append(f"  {loc}: {msg}")
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg}, got {e['input']!r}"
+        lines.append(f"  {loc}: {msg} {_origin(e['loc'], path, overrides)}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _origin(loc: tuple, path: Path | None, overrides: list[str]) -> str:
+    """Where the value at `loc` came from: an override (echoed), the config file or the
+    defaults."""
+    dotted = ".".join(str(p) for p in loc)
+    for item in reversed(overrides):
+        key = item.partition("=")[0]
+        if dotted == key or dotted.startswith(key + "."):
+            return f"(from the override {item!r})"
+    return f"(from {path})" if path else "(from the defaults)"
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
@@ -497,7 +540,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
@@ -506,8 +549,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        where = f" ({path})" if path else ""
-        raise ConfigError(_describe(exc) + where) from None
+        raise ConfigError(_describe(exc, path, list(overrides or []))) from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -20,6 +20,7 @@ from dedt_ray.artifacts import CLASSES, vector_table
 from dedt_ray.artifacts import EMBEDDINGS as EMBEDDINGS_PATH
 from dedt_ray.config import Config, EmbedConfig
 from dedt_ray.data import open_source
+from dedt_ray.data.images import IMAGE_EXTENSIONS
 from dedt_ray.encoders import build_encoder, build_preprocessor
 from dedt_ray.runtime import cluster_gpus
 from dedt_ray.stages import StageContext
@@ -100,6 +101,25 @@ def embed_dataset(
     )
 
 
+class NoImagesError(ValueError):
+    """The source yielded no decodable image."""
+
+
+def no_images_message(path: str, skipped: list[tuple[str, str]], shown: int = 5) -> str:
+    """ "no decodable images in PATH (4 skipped: a.png: truncated, ...)" and what to do."""
+    if not skipped:
+        return (
+            f"no decodable images in {path} (no image files or rows found); check data.path "
+            f"and data.source (image_folder reads {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    listed = ", ".join(f"{i}: {r}" for i, r in skipped[:shown])
+    more = ", ..." if len(skipped) > shown else ""
+    return (
+        f"no decodable images in {path} ({len(skipped)} skipped: {listed}{more}); "
+        "fix or replace those files"
+    )
+
+
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     data, emb = cfg.data, cfg.embed
     source = open_source(data)
@@ -108,10 +128,14 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     out = store.path(*EMBEDDINGS_PATH)
     ds.write_parquet(store.uri(out), max_rows_per_file=emb.rows_per_file, mode="overwrite")
 
+    skipped = source.skipped()
+    if not store.exists(*EMBEDDINGS_PATH) or not store.list(*EMBEDDINGS_PATH):
+        raise NoImagesError(no_images_message(data.path or data.source, skipped))
     written = pads.dataset(store.uri(out), format="parquet")
     rows = written.count_rows()
+    if rows == 0:
+        raise NoImagesError(no_images_message(data.path or data.source, skipped))
     dim = written.schema.field("embedding").type.list_size
-    skipped = source.skipped()
     store.write_json({"classes": source.classes}, *CLASSES)
     summary = f"{rows} images embedded with {emb.encoder} (dim {dim}), {len(skipped)} skipped"
     return {

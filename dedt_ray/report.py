@@ -3,7 +3,8 @@
 `collect(store, ...)` reads whatever artifacts exist (a missing stage is simply left out);
 `render(report)` is pure and turns that into HTML. Sections: stages (counts, timings),
 selection picture, class weights, training curves, samples, metrics, per-class metrics,
-compute versus a full-data baseline run (`report.baseline_run`), the sweep (`<run>/tune/`:
+compute per stage with the saving against all the data for the same epochs (an estimate), and
+versus a full-data baseline run when `report.baseline_run` is set, the sweep (`<run>/tune/`:
 results table, Pareto plot, best config, when `dedt-ray tune` ran there), the resolved config.
 """
 
@@ -375,10 +376,90 @@ def per_class_section(run: RunArtifacts) -> str:
     return _section("per-class", f"Per-class {metric}", table)
 
 
+def stage_flops(name: str, m: dict[str, Any]) -> float | None:
+    """FLOPs a stage itself counted (training: forward + backward; evaluate: sampling), not
+    what it reads from upstream; None where it counts none (embed, select, report)."""
+    flops = m.get("flops")
+    if isinstance(flops, int | float) and not isinstance(flops, bool):
+        return float(flops)
+    if name == "reweight" and isinstance(flops, dict):  # its reference part is the reference's
+        return float(sum(v for k, v in flops.items() if k != "reference_training"))
+    training = m.get("training_flops")
+    if isinstance(training, dict):  # tdc: pruning search + stage-2 fine-tunes
+        return float(training.get("search_flops", 0) + training.get("stage2_flops", 0))
+    if isinstance(m.get("flops_per_image"), int | float) and isinstance(m.get("rows"), int):
+        return float(m["flops_per_image"] * m["rows"])
+    return None
+
+
+def saving_estimate(manifests: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """This run's training compute against training on all the data for the same epochs, at
+    the train stage's measured FLOPs per step and images per second (an estimate)."""
+    train = manifests.get("train")
+    total = (manifests.get("embed") or manifests.get("select") or {}).get("rows")
+    if not train or not isinstance(total, int) or not train.get("rows") or not train.get("flops"):
+        return None
+    scale = total / train["rows"]
+    extra = ("reference", "reweight", "tdc")
+    flops = train["flops"] + sum(
+        stage_flops(n, manifests[n]) or 0.0 for n in extra if n in manifests
+    )
+    wall = train.get("train_wall_seconds") or 0.0
+    seconds = sum(manifests[n].get("seconds", 0.0) for n in ("select", *extra) if n in manifests)
+    seconds += train.get("seconds", 0.0)
+    full_seconds = train.get("seconds", 0.0) + wall * (scale - 1.0)
+    return {
+        "all_rows": float(total),
+        "rows": float(train["rows"]),
+        "epochs": train.get("images_seen", 0) / train["rows"],
+        "flops": float(flops),
+        "full_flops": train["flops"] * scale,
+        "seconds": float(seconds),
+        "full_seconds": float(full_seconds),
+    }
+
+
 def compute_section(report: Report) -> str:
+    """Compute per stage, the saving against all data for the same epochs (an estimate),
+    and, with `report.baseline_run`, the measured comparison with that run."""
+    manifests = report.run.manifests
+    names = _stage_names(manifests)
+    if not names:
+        note = baseline_comparison(report)
+        return _section("compute", "Compute", note) if note else ""
+    rows = [[n, _count(manifests[n].get("seconds")), stage_flops(n, manifests[n])] for n in names]
+    body = _table("compute-stages", ["stage", "seconds", "FLOPs counted"], rows)
+    est = saving_estimate(manifests)
+    if est is not None:
+        body += (
+            f"<h3>Saving against all the data (estimate)</h3><p>Training on all "
+            f"{fmt(int(est['all_rows']))} images for the same {fmt(round(est['epochs'], 2))} "
+            f"epochs instead of {fmt(int(est['rows']))}: the train stage's measured FLOPs per "
+            "step and images per second scaled to the full data. This run counts its "
+            "selection, reference, reweight and tdc compute too. An estimate, not a "
+            "measurement: set <code>report.baseline_run</code> to compare with a real run.</p>"
+        )
+        body += _table(
+            "compute-saving",
+            ["quantity", "this run", "all data, same epochs (estimate)", "saving"],
+            [
+                ["training FLOPs", est["flops"], est["full_flops"], _saving(est, "flops")],
+                ["wall seconds", est["seconds"], est["full_seconds"], _saving(est, "seconds")],
+            ],
+        )
+    body += baseline_comparison(report)
+    return _section("compute", "Compute", body)
+
+
+def _saving(est: dict[str, float], key: str) -> float | None:
+    full = est[f"full_{key}"]
+    return 1.0 - est[key] / full if full else None
+
+
+def baseline_comparison(report: Report) -> str:
+    """The measured comparison with `report.baseline_run` ('' without one)."""
     if report.baseline is None:
-        return _section("compute", "Compute vs baseline", f"<p>{_e(report.baseline_note)}</p>") \
-            if report.baseline_note else ""  # fmt: skip
+        return f"<p class='note'>{_e(report.baseline_note)}</p>" if report.baseline_note else ""
     this, base = report.run.manifests.get("train", {}), report.baseline.manifests.get("train", {})
     rows = []
     for key, label in (
@@ -400,13 +481,12 @@ def compute_section(report: Report) -> str:
             note = f"<p class='note'>{_e(metric)}: the runs used different classifiers.</p>"
     elif metric:
         note = f"<p class='note'>The baseline has no {_e(metric)} to compare with.</p>"
-    body = (
-        f"<p>Baseline: {_e(report.baseline.root)}. Ratio = baseline / this run "
-        "(above 1: this run used less).</p>"
+    return (
+        f"<h3>Against the baseline run</h3><p>Baseline: {_e(report.baseline.root)}. "
+        "Ratio = baseline / this run (above 1: this run used less).</p>"
         + _table("compute", ["quantity", "this run", "baseline", "ratio"], rows)
         + note
     )
-    return _section("compute", "Compute vs baseline", body)
 
 
 TUNE_COLUMNS = ("trial_id", "status", "quality", "train_flops", "train_rows", "loss", "pareto")

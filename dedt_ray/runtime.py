@@ -1,4 +1,9 @@
-"""Connecting to Ray: RAY_ADDRESS or a running cluster, else a local one; quiet when not a TTY.
+"""Connecting to Ray: RAY_ADDRESS or a running cluster, else a local one; quiet by default.
+
+Quiet unless the `dedt_ray` logger is at DEBUG (`dedt-ray -v`): Ray's own INFO lines, worker
+and actor output (Ray Train's per-report lines, library warnings) stay in Ray's log files
+under /tmp/ray/session_latest/logs; errors still reach the driver as exceptions. Ray Data's
+progress bars show with -v on a terminal; dedt-ray draws its own for training and sampling.
 
 Token authentication (on by default for local clusters since Ray 2.59) needs nothing here:
 Ray reads RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or its default token file by itself.
@@ -21,6 +26,11 @@ from ray._private import ray_constants, services
 log = logging.getLogger("dedt_ray")
 
 
+def chatty() -> bool:
+    """Whether library and worker output is wanted (`dedt-ray -v`: dedt_ray logs at DEBUG)."""
+    return log.isEnabledFor(logging.DEBUG)
+
+
 def init_ray(num_cpus: int | None = None, progress: bool | None = None) -> None:
     """Connect to the cluster (idempotent) and set progress display for this driver.
 
@@ -28,15 +38,21 @@ def init_ray(num_cpus: int | None = None, progress: bool | None = None) -> None:
     this machine (`ray start --head`), else starts a local one.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    verbose = chatty()
+    if not verbose:  # its notes on progress bars and resources: only with -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        kwargs: dict = {"log_to_driver": True}
+        kwargs: dict = {
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+        }
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         if _starts_local_cluster():
             _init_on_loopback(kwargs)
         else:
             ray.init(**kwargs)
-    set_progress(sys.stderr.isatty() if progress is None else progress)
+    set_progress(sys.stderr.isatty() and verbose if progress is None else progress)
 
 
 def _starts_local_cluster() -> bool:
@@ -68,6 +84,7 @@ def set_progress(enabled: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = enabled
     ctx.print_on_execution_start = enabled
+    ctx.enable_progress_bar_name_truncation = False
 
 
 def cluster_gpus() -> float:

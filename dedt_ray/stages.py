@@ -47,6 +47,7 @@ class Stage:
     # config sections it reads only in some configs (then they join its key)
     extra_sections: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     always: bool = False  # rerun every time (the report reads every stage)
+    uses_ray: bool = True  # False: runs without connecting to a cluster (the report)
 
     def load(self) -> StageFn:
         module, func = self.target.split(":")
@@ -120,6 +121,6 @@ STAGES: dict[str, Stage] = {
             inputs=("train",),
             optional=lambda cfg: ("tdc",) if cfg.tdc.enabled else (),
         ),
-        Stage("report", "dedt_ray.report:run", ("report",), always=True),
+        Stage("report", "dedt_ray.report:run", ("report",), always=True, uses_ray=False),
     ]
 }

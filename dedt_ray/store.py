@@ -8,6 +8,7 @@ crash never leaves a half-written stage that looks done.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import uuid
@@ -16,6 +17,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 MANIFEST = "_manifest.json"
+RAY_STATE = "_ray"  # in-progress Ray Train runs: `<run>/_ray/<stage>-<key>`
+
+log = logging.getLogger("dedt_ray")
 
 
 class RunStore:
@@ -90,6 +94,18 @@ class RunStore:
         self.fs.create_dir(path, recursive=True)
         return path
 
+    def delete(self, *parts: str) -> None:
+        """Delete a folder and its contents, if it exists."""
+        if self.exists(*parts):
+            self.fs.delete_dir(self.path(*parts))
+
+    def clear_run_state(self, stage: str) -> list[str]:
+        """Delete the stage's in-progress Ray Train runs (`<run>/_ray/<stage>-*`); their names."""
+        names = [n for n in self.list(RAY_STATE) if n == stage or n.startswith(f"{stage}-")]
+        for name in names:
+            self.fs.delete_dir(self.path(RAY_STATE, name))
+        return names
+
     def list(self, *parts: str) -> list[str]:
         """Names of the files and folders directly under a folder (sorted)."""
         sel = pafs.FileSelector(self.path(*parts), allow_not_found=True)
@@ -97,10 +113,23 @@ class RunStore:
 
     # manifests -------------------------------------------------------------------------
     def manifest(self, stage: str) -> dict[str, Any] | None:
-        """The stage's manifest, or None when the stage has not completed."""
+        """The stage's manifest, or None when the stage has not completed.
+
+        An unreadable manifest (not JSON, not a mapping) counts as "not done", with a warning
+        naming the file: the stage then runs again."""
         if not self.exists(stage, MANIFEST):
             return None
-        return self.read_json(stage, MANIFEST)
+        try:
+            manifest = self.read_json(stage, MANIFEST)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            manifest = exc
+        if not isinstance(manifest, dict):
+            log.warning(
+                "%s is unreadable (%s); treating stage %r as not done",
+                self.uri(self.path(stage, MANIFEST)), manifest, stage,
+            )  # fmt: skip
+            return None
+        return manifest
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         self.write_json(manifest, stage, MANIFEST)

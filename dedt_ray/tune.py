@@ -246,6 +246,13 @@ def _searcher_class() -> type:
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             return None
 
+        def _setup_study(self, mode: str | list) -> None:
+            """Name the study's objectives (optuna-dashboard shows them by name)."""
+            super()._setup_study(mode)
+            metric = self._metric if isinstance(self._metric, list) else [self._metric]
+            if self._ot_study is not None and all(metric):
+                self._ot_study.set_metric_names(list(metric))
+
     return StudySearch
 
 

@@ -301,8 +301,11 @@ def test_generate_labels_seed_guidance():
 def test_uint8_round_trip_and_grid():
     images = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     assert np.array_equal(to_uint8(from_uint8(images)), images)
-    grid = image_grid(images, ncols=2, scale=2)
-    assert grid.size == (2 * (2 * 5 + 1), 2 * (3 * 5 + 1))
+    grid = image_grid(images, ncols=2, scale=2)  # diffusers' make_image_grid: no separators
+    assert grid.size == (2 * 2 * 4, 2 * 3 * 4)
+    cells = np.asarray(image_grid(images, ncols=2))
+    assert np.array_equal(cells[4:8, 4:8], images[3])  # row-major
+    assert (cells[8:12, 4:8] == 255).all()  # the short last row is filled with white
 
 
 def test_export_loads_with_diffusers(tmp_path):
@@ -324,9 +327,10 @@ def test_latent_export_generates_decoded_images(tmp_path, tiny_vae):
     vae = tiny_vae().eval()
     unet, sched = tiny(ModelSpec(4, 4, 2, latent=True))
     save_export(str(tmp_path), unet, sched, {"num_classes": 2}, vae=vae)
-    assert not os.path.exists(tmp_path / "model_index.json")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dedt_ray", "DedtRayPipeline"] and "vae" in index
     unet2, sched2, vae2, info = load_export(str(tmp_path))
-    assert info == {"num_classes": 2} and vae2 is not None
+    assert info["num_classes"] == 2 and vae2 is not None
     g = torch.Generator().manual_seed(0)
     images = generate(unet2, sampling_scheduler(sched2, "ddim"), [0, 1], 2, 1.5, g, vae=vae2)
     assert images.shape == (2, 8, 8, 1)

@@ -358,9 +358,9 @@ def test_evaluate_stage_metrics(evaluated) -> None:
     assert sum(c["real"] for c in per_class["classes"]) == 400
 
     png = Image.open(io.BytesIO(store.read_bytes("evaluate", "samples.png")))
-    cell = 8 * 4  # 8 px enlarged 4x, + 1 px padding (also enlarged)
-    assert png.height == 10 * (cell + 4) + 4  # one row per class
-    assert png.width > 6 * (cell + 4)  # six columns plus the class-name margin
+    cell = 8 * 4  # 8 px enlarged 4x, tiled by diffusers' make_image_grid (no padding)
+    assert png.height == 10 * cell  # one row per class
+    assert png.width > 6 * cell  # six columns plus the class-name margin
     assert evaluated["first"]["metric"] == "FD_digits-cnn"
     assert "FD_digits-cnn" in evaluated["first"]["summary"]
 

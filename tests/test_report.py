@@ -203,7 +203,9 @@ def test_report_leaves_out_missing_stages(tmp_path: Path) -> None:
     _train_manifest(store, 64, 1e9, 1.0)  # only a train manifest, no history file
     page = render(collect(store, "seed: 0\n"))
     assert '<section id="training">' in page and "<img" not in page
-    assert '<section id="metrics">' not in page and '<section id="compute">' not in page
+    assert '<section id="metrics">' not in page
+    # compute per stage is always there; the saving needs the data's size (embed)
+    assert '<table id="compute-stages">' in page and 'id="compute-saving"' not in page
 
 
 def test_report_stage_rerenders_every_time(ray_cluster, full_run) -> None:
@@ -212,7 +214,9 @@ def test_report_stage_rerenders_every_time(ray_cluster, full_run) -> None:
     store, _ = full_run
     cfg = load_config(None, [])
     first = run_stage("report", cfg, store)
-    assert '<section id="compute">' not in Path(store.path(REPORT)).read_text()  # no baseline
+    page = Path(store.path(REPORT)).read_text()
+    assert 'id="compute-saving"' in page and "(estimate)" in page  # without a baseline too
+    assert '<table id="compute">' not in page  # the measured comparison needs a baseline
     store.write_manifest("tune", {"output_id": "x", "seconds": 1.0, "summary": "a new stage"})
     second = run_stage("report", cfg, store)
     assert not second.get("skipped_stage") and second["output_id"] != first["output_id"]
@@ -271,3 +275,27 @@ def test_tune_section_from_results(tmp_path: Path) -> None:
     assert "1 evaluated" in page and "keep_ratio: 0.5" in page
     assert "Pareto front" in page and page.count("data:image/png") == 1
     assert '<section id="tune">' not in render(collect(RunStore(str(tmp_path / "x")), ""))
+
+
+def test_compute_per_stage_and_saving_estimate_without_baseline(full_run) -> None:
+    """Issue 18 item 12: compute per stage and the saving against all the data for the same
+    epochs, in every report (no baseline run here), labelled an estimate."""
+    store, _ = full_run
+    store.write_manifest(
+        "reference", {"output_id": "f", "seconds": 4.0, "rows": 640, "flops": 1.0e11}
+    )
+    page = render(collect(store, "seed: 0\n"))
+    assert "estimate" in page and '<table id="compute">' not in page
+    tables = parse_tables(page)
+    per_stage = {row[0][0]: [c[0] for c in row[1:]] for row in tables["compute-stages"]}
+    assert per_stage["train"] == ["42", "3.2e+12"] and per_stage["reference"] == ["4", "1e+11"]
+    assert per_stage["embed"][1] == "n/a"  # embedding counts no FLOPs
+    saving = {row[0][0]: [float(c[1]) for c in row[1:]] for row in tables["compute-saving"]}
+    # 640 of 1797 images for 10 epochs; all 1797 for 10 epochs costs 1797/640 as much
+    this, full, saved = saving["training FLOPs"]
+    assert this == 3.2e12 + 1.0e11 and full == pytest.approx(3.2e12 * 1797 / 640)
+    assert saved == pytest.approx(1 - this / full)
+    seconds = saving["wall seconds"]  # select 1.5 + reweight 0.5 + reference 4 + train 42
+    assert seconds[0] == pytest.approx(48.0) and seconds[1] == pytest.approx(
+        42 + 40 * (1797 / 640 - 1)
+    )

@@ -112,3 +112,22 @@ def test_sweep_interrupted_and_restored(ray_cluster, tmp_path):
 
 def evaluate_started(store: RunStore, trial: str) -> str:
     return RunStore(store.path("tune", "trials", trial)).manifest("evaluate")["started"]
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_study_names_its_objectives_and_opens_by_absolute_path(tmp_path, multi):
+    """Issue 18 item 13: optuna-dashboard shows the objectives by name; the documented
+    `sqlite:////absolute/path` URL (docs/tune.md) opens the study `sweep`."""
+    from dedt_ray.tune import SWEEP, SpaceFn, _objectives, _searcher_class
+
+    cfg = load_config(None, [*TINY, f"tune.multi_objective={str(multi).lower()}"])
+    space, _ = active_space(cfg)
+    metric, mode = _objectives(cfg)
+    path = tmp_path / "optuna.db"
+    _searcher_class()(
+        space=SpaceFn(space, cfg), metric=metric, mode=mode, study_name=SWEEP,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{path}"),
+    )  # fmt: skip
+    assert str(path).startswith("/")  # so the URL below has four slashes
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{path.resolve()}")
+    assert study.metric_names == (["quality", "train_flops"] if multi else ["quality"])

@@ -57,23 +57,26 @@ def generate_batches(
     from dedt_ray.diffusion.export import load_export
     from dedt_ray.diffusion.models import sampling_scheduler
     from dedt_ray.diffusion.sampling import generate
+    from dedt_ray.progress import Progress
 
     with tempfile.TemporaryDirectory() as tmp:
         unet, noise_scheduler, vae, _ = load_export(_local_copy(model, tmp), device)
     out = {}
-    for b in batch_ids:
-        lo, hi = b * batch_size, min(num, (b + 1) * batch_size)
-        generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b)
-        out[b] = generate(
-            unet,
-            sampling_scheduler(noise_scheduler, scheduler),
-            labels[lo:hi] if labels is not None else None,
-            steps,
-            guidance_scale,
-            generator,
-            vae=vae,
-            num_samples=hi - lo,
-        )
+    with Progress(len(batch_ids) * steps, "sample", unit="step") as progress:
+        for b in batch_ids:
+            lo, hi = b * batch_size, min(num, (b + 1) * batch_size)
+            generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + b)
+            out[b] = generate(
+                unet,
+                sampling_scheduler(noise_scheduler, scheduler),
+                labels[lo:hi] if labels is not None else None,
+                steps,
+                guidance_scale,
+                generator,
+                vae=vae,
+                num_samples=hi - lo,
+                on_step=lambda: progress.update_to(progress.n + 1),
+            )
     return out
 
 

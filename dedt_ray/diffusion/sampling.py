@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ def generate(
     vae: AutoencoderKL | None = None,
     num_samples: int | None = None,
     null_class: int | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Generate images; returns uint8 [N, H, W, C].
 
@@ -30,7 +31,8 @@ def generate(
     `uncond + s * (cond - uncond)`, where uncond uses `null_class` (default: the UNet's last
     class embedding). `scheduler` is modified (set_timesteps); pass a fresh one per call if
     it is shared across threads. With `vae`, the UNet's samples are latents scaled by
-    `vae.config.scaling_factor` and are decoded.
+    `vae.config.scaling_factor` and are decoded. `on_step` is called after every denoising
+    step (a progress bar).
     """
     device = unet.device
     conditional = unet.config.num_class_embeds is not None
@@ -69,6 +71,8 @@ def generate(
         else:
             out = unet(model_in, t, class_labels=y).sample
         x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if on_step is not None:
+            on_step()
     if vae is not None:
         x = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
     return to_uint8(x)
@@ -87,17 +91,18 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, scale: int = 1) -> Image.Image:
-    """Tile uint8 NHWC images into one PIL image (row-major; `scale` enlarges pixels)."""
+    """Tile uint8 NHWC images into one PIL image, row-major, with diffusers'
+    `make_image_grid` (a short last row is filled with white); `scale` enlarges pixels."""
+    from diffusers.utils import make_image_grid
+
     n, h, w, c = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
-    pad = 1
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, ncols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = img
-    pil = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+    blank = np.full((h, w, c), 255, np.uint8)
+    tiles = [*images, *([blank] * (nrows * ncols - n))]
+    pil = make_image_grid(
+        [Image.fromarray(t[:, :, 0] if c == 1 else t) for t in tiles], nrows, ncols
+    )
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     return pil

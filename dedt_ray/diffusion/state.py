@@ -71,3 +71,18 @@ def load_state(directory: str, device: str | torch.device = "cpu") -> dict[str, 
     tensors = load_file(os.path.join(directory, TENSORS), device=str(device))
     with open(os.path.join(directory, STRUCTURE)) as f:
         return unflatten(json.load(f), tensors)
+
+
+def checkpoint_dirs(names: list[str]) -> list[str]:
+    """The `checkpoint_<step>` folder names among `names`, oldest first."""
+    found = [n for n in names if n.startswith("checkpoint_") and n[11:].isdigit()]
+    return sorted(found, key=lambda n: int(n[11:]))
+
+
+def damaged_reason(directory: str) -> str | None:
+    """Why the checkpoint folder does not load (truncated, missing, not JSON), or None."""
+    try:
+        load_state(directory)
+    except Exception as exc:  # safetensors, OSError, JSON, a missing tensor: all mean damaged
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None

@@ -16,8 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from dedt_ray.artifacts import class_weights_for, read_inputs
+from dedt_ray.artifacts import (
+    TrainingInputs,
+    class_weights_for,
+    export_info,
+    read_inputs,
+)
+from dedt_ray.artifacts import model_dir as export_dir
 from dedt_ray.config import Config
+from dedt_ray.diffusion.card import table, update_card
 from dedt_ray.diffusion.job import CurveHook
 from dedt_ray.diffusion.trainer import (
     budget_steps,
@@ -108,6 +115,10 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     metrics, state = fit(cfg, store, job, rows, OUT, ctx.train_callbacks)
     curve_info = finish_curve(store, curve, OUT, state.get("curve_steps") or [])
     model_dir = export_model(cfg, store, state, spec, classes, OUT)
+    update_card(
+        store, export_dir(OUT), card_sections(cfg, inputs, labels, class_weights, classes),
+        export_info(store, export_dir(OUT)),
+    )  # fmt: skip
     write_history(store, state["history"], OUT)
     keep_checkpoints(store, OUT, key)
     store.write_json(
@@ -148,3 +159,36 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "setup_seconds": round(time.time() - started - state["wall"], 3),
         "summary": summary,
     }
+
+
+def card_sections(
+    cfg: Config,
+    inputs: TrainingInputs,
+    labels: np.ndarray,
+    class_weights: np.ndarray | None,
+    classes: list[str] | None,
+) -> dict[str, str]:
+    """The model card's data selection and class weights sections."""
+    select = inputs.manifests.get("select")
+    if select is not None:
+        text = (
+            f"Trained on {len(labels)} of {select.get('rows')} images: the `select` stage "
+            f"kept {cfg.select.keep_ratio:.0%} of every class by the "
+            f"`{select.get('criterion')}` criterion in `{cfg.embed.encoder}` embedding space."
+        )
+    else:
+        text = f"Trained on all {len(labels)} source images (no selection)."
+    sections = {"Data selection": f"{text} Data: `{cfg.data.source}`."}
+    if class_weights is not None:
+        names = classes or [str(i) for i in range(len(class_weights))]
+        how = (
+            "sampling probabilities"
+            if cfg.train.class_weighting == "sampling"
+            else ("loss multipliers")
+        )
+        rows = [(str(n), float(w)) for n, w in zip(names, class_weights, strict=False)]
+        sections["Class weights"] = (
+            f"Group DRO (DoReMi) class weights from the `reweight` stage, used as {how}:\n\n"
+            + table(rows, ("class", "weight"))
+        )
+    return sections

@@ -14,6 +14,7 @@ a run is in progress, so rerunning a crashed stage with the same key resumes it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -43,14 +44,19 @@ from dedt_ray.diffusion.job import (  # noqa: E402
     hook_key,
 )
 from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler  # noqa: E402
+from dedt_ray.diffusion.reports import TrainProgress  # noqa: E402
 from dedt_ray.diffusion.state import load_state  # noqa: E402
-from dedt_ray.store import RunStore  # noqa: E402
+from dedt_ray.store import RAY_STATE, RunStore  # noqa: E402
+
+log = logging.getLogger("dedt_ray")
 
 # train.* fields that do not change what is trained (excluded from the resume key)
 OPERATIONAL = {
     "num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "checkpoint_every",
-    "keep_checkpoints", "max_failures", "log_every", "fail_at_step", "fail_flag",
+    "keep_checkpoints", "max_failures", "log_every", "fail_at_step", "fail_flag", "tracking",
+    "tracking_uri",
 }  # fmt: skip
+MAX_WARMUP_FRACTION = 0.1  # warm-up is capped at this share of the steps (every trainer)
 
 
 # -- rows ----------------------------------------------------------------------------------
@@ -201,6 +207,7 @@ def make_job(
             share = np.bincount(labels, minlength=len(class_weights)) / len(labels)
             loss_weights = np.where(share > 0, class_weights / np.maximum(share, 1e-12), 0.0)
             loss_weights = loss_weights.tolist()
+    train["warmup_steps"] = capped_warmup(tc.warmup_steps, train["steps"])
     return TrainJob(
         model=cfg.model.model_dump(mode="json"),
         train=train,
@@ -216,6 +223,19 @@ def make_job(
         local=tc.num_workers == 0,
         use_gpu=tc.use_gpu if tc.use_gpu is not None else cluster_gpus() > 0,
     )
+
+
+def capped_warmup(warmup_steps: int, steps: int) -> int:
+    """Warm-up steps of a run: at most `MAX_WARMUP_FRACTION` of its steps, so a short run is
+    not all warm-up (100 warm-up steps of 20 would never reach the peak learning rate)."""
+    cap = int(steps * MAX_WARMUP_FRACTION)
+    if warmup_steps > cap:
+        log.warning(
+            "train.warmup_steps=%d is more than %d%% of the %d steps; warming up for %d",
+            warmup_steps, round(100 * MAX_WARMUP_FRACTION), steps, cap,
+        )  # fmt: skip
+        return cap
+    return warmup_steps
 
 
 def budget_steps(cfg: Config, rows: int) -> int:
@@ -265,43 +285,98 @@ def fit(
     callbacks: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the TorchTrainer on `rows` as `<run>/_ray/<out>-<key>` (resumed when it exists);
-    returns (final metrics, final checkpoint state). `callbacks`: ray.train UserCallbacks."""
+    returns (final metrics, final checkpoint state). `callbacks`: ray.train UserCallbacks.
+
+    The driver shows the run's progress and writes its metrics to the trackers in
+    `train.tracking` (`diffusion.reports`); a damaged checkpoint is named in a warning and
+    the workers resume from the newest one that loads."""
     from ray.train.torch import TorchTrainer
 
+    from dedt_ray.diffusion.reports import relay_reports, replay
     from dedt_ray.diffusion.worker import train_loop
+    from dedt_ray.runtime import chatty
 
     tc = cfg.train
     run_name = ray_run_name(out, job.fingerprint)
+    resuming = store.exists(RAY_STATE, run_name)
+    if resuming:
+        warn_damaged_checkpoints(store, run_name)
+    trackers = tracking_sinks(cfg, store, out, job, fresh=not resuming)
+    sinks = [] if job.local else [TrainProgress(job.train_cfg.steps, out), *trackers]
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"job": job},
-        datasets={"train": rows},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=job.use_gpu,
-            resources_per_worker=resources if tc.num_workers else None,
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=store.uri(store.path("_ray")),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            worker_runtime_env={"env_vars": worker_env()},
-            callbacks=list(callbacks) or None,
-        ),
-    )
-    result = trainer.fit()
+    with relay_reports(sinks) as relay:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"job": job},
+            datasets={"train": rows},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=tc.num_workers,
+                use_gpu=job.use_gpu,
+                resources_per_worker=resources if tc.num_workers else None,
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=store.uri(store.path(RAY_STATE)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+                worker_runtime_env={"env_vars": worker_env()},
+                callbacks=[*callbacks, *([relay] if relay else [])] or None,
+                logging_config=ray.train.LoggingConfig("INFO" if chatty() else "WARNING"),
+            ),
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = load_state(directory)
     if job.local:  # the newest in-process checkpoint joins the Ray storage layout
-        dest = store.path("_ray", run_name, f"checkpoint_{state['step']:08d}")
+        dest = store.path(RAY_STATE, run_name, f"checkpoint_{state['step']:08d}")
         store.fs.create_dir(dest, recursive=True)
         pafs.copy_files(result.checkpoint.path, dest, destination_filesystem=store.fs)
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+        replay(trackers, state["history"])  # no callbacks run in-process
     return dict(result.metrics or {}), state
+
+
+def tracking_sinks(cfg: Config, store: RunStore, out: str, job: TrainJob, fresh: bool) -> list[Any]:
+    """TensorBoard (`<run>/tensorboard/<out>`, emptied when the run starts `fresh`) and MLflow
+    (experiment: the run directory's name, run: `out`) as `train.tracking` asks."""
+    from dedt_ray.diffusion.reports import MLflowSink, TensorBoardSink, mlflow_uri
+
+    tc, sinks = cfg.train, []
+    if not tc.tracking:
+        return sinks
+    if not store.is_local and not tc.tracking_uri:
+        log.warning("train.tracking: the run directory is not local; set train.tracking_uri")
+    if "tensorboard" in tc.tracking and store.is_local:
+        if fresh:
+            store.delete("tensorboard", out)
+        sinks.append(TensorBoardSink(store.local_path("tensorboard", out)))
+    if "mlflow" in tc.tracking and (store.is_local or tc.tracking_uri):
+        params = {f"train.{k}": v for k, v in job.train.items() if k not in OPERATIONAL}
+        params.update({f"model.{k}": v for k, v in job.model.items()})
+        uri = mlflow_uri(tc.tracking_uri, store.root)
+        sinks.append(MLflowSink(uri, os.path.basename(store.root), out, params))
+    return sinks
+
+
+def warn_damaged_checkpoints(store: RunStore, run_name: str) -> None:
+    """Name each checkpoint of an in-progress run that does not load (the workers skip them)."""
+    from dedt_ray.diffusion.state import checkpoint_dirs, damaged_reason
+
+    for name in reversed(checkpoint_dirs(store.list(RAY_STATE, run_name))):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = store.path(RAY_STATE, run_name, name)
+            if not store.is_local:
+                pafs.copy_files(folder, tmp, source_filesystem=store.fs)
+                folder = tmp
+            reason = damaged_reason(folder)
+        if reason is None:
+            return  # the newest checkpoint that loads is the one resumed
+        log.warning(
+            "%s: checkpoint %s is damaged (%s); resuming from an older one",
+            run_name, store.uri(store.path(RAY_STATE, run_name, name)), reason,
+        )  # fmt: skip
 
 
 def ema_model(
@@ -355,8 +430,8 @@ def ray_run_name(out: str, key: str) -> str:
 def keep_checkpoints(store: RunStore, out: str, key: str) -> None:
     """Move a finished run's Ray folder to `<run>/<out>/checkpoints`."""
     run_name = ray_run_name(out, key)
-    src, dst = store.path("_ray", run_name), store.path(out, "checkpoints")
-    if not store.exists("_ray", run_name):
+    src, dst = store.path(RAY_STATE, run_name), store.path(out, "checkpoints")
+    if not store.exists(RAY_STATE, run_name):
         return
     try:
         store.fs.move(src, dst)

@@ -34,7 +34,7 @@ from dedt_ray.diffusion.core import (
 from dedt_ray.diffusion.infobatch import InfoBatchStream
 from dedt_ray.diffusion.job import TrainJob, TrainLoss, WorkerInfo
 from dedt_ray.diffusion.models import build_noise_scheduler
-from dedt_ray.diffusion.state import load_state, save_state
+from dedt_ray.diffusion.state import checkpoint_dirs, load_state, save_state
 from dedt_ray.diffusion.stream import IndexStream
 
 log = logging.getLogger("dedt_ray")
@@ -213,8 +213,9 @@ def restore(
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return
-    with checkpoint.as_directory() as directory:
-        state = load_state(directory)
+    state = load_resumable(checkpoint, rank)
+    if state is None:
+        return
     if state["fingerprint"] != job.fingerprint:
         raise RuntimeError("the checkpoint to resume was written for another config")
     run.unet.load_state_dict(state["model"])
@@ -233,6 +234,33 @@ def restore(
     run.curve_steps = list(state.get("curve_steps") or [])
     if rank == 0:
         log.info("train: resumed at step %d/%d", run.step, job.train_cfg.steps)
+
+
+def load_resumable(checkpoint: ray.train.Checkpoint, rank: int) -> dict[str, Any] | None:
+    """The state of `checkpoint`, else of the newest older checkpoint beside it that loads
+    (a truncated or damaged one is skipped with a warning); None when none loads."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = posixpath.dirname(path)
+    names = checkpoint_dirs(
+        [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(parent))]
+    )
+    newest = posixpath.basename(path)
+    older = names[: names.index(newest)] if newest in names else names
+    for candidate in [path, *(posixpath.join(parent, n) for n in reversed(older))]:
+        try:
+            with ray.train.Checkpoint(candidate, fs).as_directory() as directory:
+                return load_state(directory)
+        except Exception as exc:  # truncated safetensors, missing file, bad JSON
+            if rank == 0:
+                log.warning("train: checkpoint %s does not load (%s); trying an older one",
+                            candidate, type(exc).__name__)  # fmt: skip
+    if rank == 0:
+        log.warning("train: no checkpoint of %s loads; starting from step 0", parent)
+    return None
 
 
 # -- the loop ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = [
     "Preprocessor",
     "build_encoder",
     "build_preprocessor",
+    "locate_model",
 ]
 
 ENCODERS: dict[str, EncoderSpec] = {name: entry.load() for name, entry in ENTRIES.items()}
@@ -38,6 +39,21 @@ def _spec(name: str, model: str | None) -> EncoderSpec:
     if ENTRIES[name].needs_model and not model:
         raise ValueError(f"encoder {name!r} needs a model: a local path or a hub-cache name")
     return spec
+
+
+def locate_model(name: str, model: str | None) -> str:
+    """Where encoder `name`'s weights are (a file or folder), without loading them; raises
+    FileNotFoundError naming `model` when they are not on this machine."""
+    _spec(name, model)  # a known name; a model when it needs one
+    if not ENTRIES[name].needs_model:
+        return ""
+    if name == "inception":
+        from dedt_ray.encoders.inception import weights_path
+
+        return str(weights_path(model))
+    from dedt_ray.encoders.base import resolve_hf_model
+
+    return str(resolve_hf_model(model, name))
 
 
 def build_preprocessor(

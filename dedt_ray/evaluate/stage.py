@@ -26,6 +26,7 @@ import ray.util
 from dedt_ray.artifacts import export_classes, model_dir
 from dedt_ray.config import Config, hash_json
 from dedt_ray.data import open_source
+from dedt_ray.diffusion.card import metrics_section, update_card
 from dedt_ray.evaluate.classifier import config_bytes, to_bytes, train_classifier
 from dedt_ray.evaluate.features import (
     INCEPTION,
@@ -43,6 +44,7 @@ from dedt_ray.evaluate.streaming import (
     id_keys,
     json_number,
 )
+from dedt_ray.progress import Progress
 from dedt_ray.runtime import cluster_gpus
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
@@ -262,11 +264,13 @@ def generated_features(
     try:
         flops = ray.get(actors[0].flops_per_image.remote())
         pool = ray.util.ActorPool(actors)
-        for out in pool.map(lambda actor, share: actor.run.remote(share), shares):
-            for acc, features in zip(accs, out["all_features"], strict=True):
-                acc.add(features, out["labels"], out["keys"])
-            grid_images.append(out["grid_images"])
-            grid_labels.append(out["grid_labels"])
+        with Progress(len(shares), "evaluate: sampling", unit="batch") as progress:
+            for i, out in enumerate(pool.map(lambda actor, share: actor.run.remote(share), shares)):
+                for acc, features in zip(accs, out["all_features"], strict=True):
+                    acc.add(features, out["labels"], out["keys"])
+                grid_images.append(out["grid_images"])
+                grid_labels.append(out["grid_labels"])
+                progress.update_to(i + 1, images=accs[0].count)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -401,6 +405,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     result = metrics_json(cfg, spaces, space_source, dim, metrics, reals[0], fakes[0], classes,
                           flops, seconds, gpus, info, model, notes + more_notes)  # fmt: skip
     store.write_json(result, "evaluate", METRICS)
+    update_card(store, model, {"Metrics": metrics_section(result)}, info)  # the model card
     store.write_json(
         {"metric": space.metric, "feature_space": space.name, "classes": per_class_rows},
         "evaluate",

@@ -16,6 +16,7 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
+from diffusers import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
@@ -26,8 +27,11 @@ from dedt_ray.tdc.pruning import load_pruned, save_pruned
 FORMAT = "dedt_ray.tdc.routed/1"
 
 
-class RoutedUNet(nn.Module):
-    """Per-group UNets behind one UNet2DModel-like forward."""
+class RoutedUNet(ModelMixin):
+    """Per-group UNets behind one UNet2DModel-like forward.
+
+    A diffusers `ModelMixin` (its own `from_pretrained` / `save_pretrained`), so diffusers'
+    pipeline loading accepts it as the `unet` component an export's model_index.json names."""
 
     def __init__(
         self,
