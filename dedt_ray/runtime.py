@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 import ray
@@ -56,11 +57,37 @@ def init_ray(num_cpus: int | None = None, progress: bool | None = None) -> None:
 
 
 def _starts_local_cluster() -> bool:
-    """Whether `ray.init()` would start a new cluster (no RAY_ADDRESS, no `ray start`)."""
+    """Whether to start a new cluster: no RAY_ADDRESS and no live `ray start` cluster here.
+
+    `ray start` records its address in /tmp/ray/ray_current_cluster; a cluster that ended
+    without `ray stop` (a killed job, a rebooted container) leaves the file behind, and
+    `ray.init()` would wait on the dead address for many minutes. With nothing at
+    that address listening the file is stale: it is ignored, with a warning.
+    """
     try:
-        return services.canonicalize_bootstrap_address(None) is None
+        address = services.canonicalize_bootstrap_address(None)
     except ValueError:  # e.g. a ray:// client address, which ray.init handles itself
         return False
+    if address is None:
+        return True
+    if os.environ.get(ray_constants.RAY_ADDRESS_ENVIRONMENT_VARIABLE) or _listening(address):
+        return False
+    log.warning(
+        "ignoring %s from %s: nothing listens there (a `ray start` that ended without "
+        "`ray stop`); starting a local cluster",
+        address, ray._private.utils.get_ray_address_file(None),
+    )  # fmt: skip
+    return True
+
+
+def _listening(address: str) -> bool:
+    """Whether a TCP server accepts connections at host:port (within 2 s)."""
+    host, port = services.parse_address(address)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def _init_on_loopback(kwargs: dict) -> None:
@@ -74,7 +101,7 @@ def _init_on_loopback(kwargs: dict) -> None:
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(_node_ip_address="127.0.0.1", **kwargs)
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
