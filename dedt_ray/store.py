@@ -3,14 +3,22 @@
 A stage's artifacts count as complete only when its `_manifest.json` exists: a stage first
 clears its folder, writes its artifacts, and writes the manifest last (atomically), so a
 crash never leaves a half-written stage that looks done.
+
+Code that needs a local folder (diffusers' `save_pretrained`, an SQLite file) goes through
+`RunStore.staged` (write) and `RunStore.fetched` / `local_folder` (read): the folder itself
+on a local run directory, a temporary copy on an object store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -50,6 +58,24 @@ class RunStore:
         if not self.is_local:
             raise ValueError(f"{self} is not on the local filesystem")
         return self.path(*parts)
+
+    @contextlib.contextmanager
+    def staged(self, *parts: str) -> Iterator[str]:
+        """A local folder to write `<run>/<parts>` into: that folder on a local run directory;
+        else a temporary one, uploaded there when the block ends without an error."""
+        dest = self.path(*parts)
+        if self.is_local:
+            os.makedirs(dest, exist_ok=True)
+            yield dest
+            return
+        with tempfile.TemporaryDirectory(prefix="dedt-staged-") as tmp:
+            yield tmp
+            self.fs.create_dir(dest, recursive=True)
+            pafs.copy_files(tmp, dest, destination_filesystem=self.fs)
+
+    def fetched(self, *parts: str) -> contextlib.AbstractContextManager[str]:
+        """A local folder holding `<run>/<parts>` (see `local_folder`)."""
+        return local_folder(self.uri(self.path(*parts)))
 
     # files -----------------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:
@@ -104,3 +130,22 @@ class RunStore:
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         self.write_json(manifest, stage, MANIFEST)
+
+
+@contextlib.contextmanager
+def local_folder(uri: str) -> Iterator[str]:
+    """A local folder with the content of the folder `uri`: the folder itself when it is a
+    local path, else a temporary copy, removed when the block ends."""
+    if "://" not in uri:
+        yield uri
+        return
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri} is not an existing folder")
+    tmp = tempfile.mkdtemp(prefix="dedt-fetched-")
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+

@@ -16,7 +16,9 @@ the trainer library's ``fit`` with ``t_range`` and a ``PrunedModel`` source). Ou
 The pruning decisions run in the driver, one group after another. Each stage-2 fine-tune is
 its own Ray Train run (DDP over ``train.num_workers``); ``tdc.parallel_groups`` of them run at
 once (default: as many as the free CPUs / GPUs hold; one at a time with
-``train.num_workers=0``). The run directory must be local (the pruned folders are local paths).
+``train.num_workers=0``). On an object-store run directory the local files (the train stage's
+export, the Optuna studies, the pruned and routed models) go through temporary folders
+(``RunStore.fetched`` / ``staged``); stage-2 workers read the pruned models by URI.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,9 +137,14 @@ def plan_stage2(
     return fits, "budget"
 
 
-def pruned_dir(store: RunStore, g: int) -> str:
+def pruned_parts(g: int) -> tuple[str, ...]:
     """Where group `g`'s chosen pruned model is saved before stage 2."""
-    return store.local_path(OUT, "pruned", f"group_{g:02d}")
+    return (OUT, "pruned", f"group_{g:02d}")
+
+
+def pruned_dir(store: RunStore, g: int) -> str:
+    """Group `g`'s pruned model as a path or URI any node reads (``PrunedModel``'s path)."""
+    return store.uri(store.path(*pruned_parts(g)))
 
 
 def stage2_parallelism(cfg: Config, n_groups: int) -> int:
@@ -184,7 +192,8 @@ def plan(cfg: Config, store: RunStore) -> Plan:
     from dedt_ray.tdc.grouping import describe_groups, group_timesteps
 
     tc = cfg.tdc
-    base, noise_scheduler, vae, info = load_export(store.local_path(*BASE))
+    with store.fetched(*BASE) as folder:
+        base, noise_scheduler, vae, info = load_export(folder)
     base.requires_grad_(True)
     spec_dict = store.read_json("train", "run.json")["spec"]
     spec = ModelSpec(**{k: v for k, v in spec_dict.items() if k != "null_class"})
@@ -213,8 +222,6 @@ def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[di
         pruner = UNetPruner.from_denoising(
             p.base, p.noise_scheduler, data, (lo, hi), TAYLOR_BATCHES, SCORE_BATCH, cfg.seed
         )
-        db = store.local_path(OUT, f"proxy-{g}.db")
-        proxy = make_proxy(cfg, pruner, p.described[g], p.budgets[g], db)
 
         def score(model: torch.nn.Module) -> float:
             return denoising_score(
@@ -222,13 +229,18 @@ def decide(cfg: Config, store: RunStore, p: Plan, g: int, data: Any) -> tuple[di
                 cfg.seed, batch_size=SCORE_BATCH,
             )  # fmt: skip
 
-        ratios, pruned, history = decide_group(
-            p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
-        )
+        with store.staged(OUT) as out:  # the study's SQLite file: <run>/tdc/proxy-<g>.db
+            db = os.path.join(out, f"proxy-{g}.db")
+            proxy = make_proxy(cfg, pruner, p.described[g], p.budgets[g], db)
+            ratios, pruned, history = decide_group(
+                p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner,
+                seed=cfg.seed,
+            )  # fmt: skip
         n = data.images.shape[0]
         search = search_flops(p.base_fwd, [r.flops for r in history], n, tc.score_steps)
         best = min(r.score for r in history if r.score is not None)
-    save_pruned(pruned, pruned_dir(store, g))
+    with store.staged(*pruned_parts(g)) as folder:
+        save_pruned(pruned, folder)
     pruned_fwd = model_flops(pruned)
     log.info(
         "tdc: group %d [%d, %d): %d rounds, best score %s at %.1f%% of the base FLOPs",
@@ -331,9 +343,9 @@ def export_routed(
         "steps": p.info.get("steps", 0) + steps,
         "flops": flops,
     }
-    dest = store.local_path(*model_dir(OUT))
-    save_export(dest, routed, p.noise_scheduler, info, p.vae)
-    return dest
+    with store.staged(*model_dir(OUT)) as folder:
+        save_export(folder, routed, p.noise_scheduler, info, p.vae)
+    return store.path(*model_dir(OUT))
 
 
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
