@@ -149,3 +149,32 @@ def local_folder(uri: str) -> Iterator[str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+def check_own_files(folder: str, why: str) -> None:
+    """Refuse a local folder someone else could have written: PermissionError naming the
+    first path under `folder` (itself included, sorted walk) that is not owned by the current
+    user or that group or others may write. `why`: what would read it (for the message)."""
+    if not hasattr(os, "getuid"):
+        return
+    me = os.getuid()
+    for path in _walk(folder):
+        info = os.lstat(path)
+        if info.st_uid != me:
+            problem = f"is owned by uid {info.st_uid}, not by you (uid {me})"
+        elif info.st_mode & 0o022:
+            problem = f"is writable by group or others (mode {oct(info.st_mode & 0o777)})"
+        else:
+            continue
+        raise PermissionError(
+            f"{path} {problem}: refusing it, because {why}. Only files your own user wrote "
+            f"and others cannot change are trusted: if you wrote them, `chmod -R go-w "
+            f"{folder}`; else move the folder away to start afresh"
+        )
+
+
+def _walk(folder: str) -> Iterator[str]:
+    yield folder
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            yield os.path.join(root, name)

@@ -307,6 +307,7 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), resources)
     path = posixpath.join(storage_path, SWEEP)
     if ray.tune.Tuner.can_restore(path):
+        check_sweep_state(base)
         log.info("tune: resuming the sweep in %s", path)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
@@ -318,6 +319,17 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
         tuner = new_tuner(cfg, base, space, trainable, int(embed["rows"]), callbacks)
     grid = tuner.fit()
     return write_results(cfg, base, grid, space)
+
+
+def check_sweep_state(base: RunStore) -> None:
+    """`Tuner.restore` unpickles `<run>/tune/sweep/` (tuner.pkl, the experiment and searcher
+    state): refuse it unless this user wrote it and nobody else can change it. An object-store
+    run directory is trusted as far as its bucket's write permissions (docs/tune.md)."""
+    from dedt_ray.store import check_own_files
+
+    if base.is_local:
+        why = "Ray Tune unpickles the sweep's state when it restores a sweep (docs/tune.md)"
+        check_own_files(base.path("tune", SWEEP), why)
 
 
 def new_tuner(
