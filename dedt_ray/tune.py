@@ -388,14 +388,18 @@ def new_tuner(
 
 
 def max_reports(cfg: Config, rows: int) -> int:
-    """Results one trial reports at most: one per train log/checkpoint step, plus the final
-    one (with an epoch budget, for a trial that keeps all `rows`)."""
+    """ASHA's max_t: the train reports of one trial (every log or checkpoint step, and the
+    last step; with an epoch budget, for a trial that keeps all `rows`), plus its objectives'
+    report, plus one spare. ASHA stops a trial at a result numbered max_t or more, so a
+    smaller value would stop a trial before its objectives arrive."""
     tc = trial_config(cfg.model_dump(mode="json"), cfg.tune.trial_overrides, {}, {}).train
     steps = tc.steps
     if cfg.tune.epochs:
         steps = epoch_steps(rows, cfg.tune.epochs, tc.batch_size, cfg.tune.min_steps)
-    every = min(tc.log_every, tc.checkpoint_every)
-    return math.ceil(steps / every) + 2
+    log, ckpt = tc.log_every, tc.checkpoint_every
+    train = steps // log + steps // ckpt - steps // math.lcm(log, ckpt)  # either multiple
+    train += steps % log != 0 and steps % ckpt != 0  # the last step reports too
+    return train + 2
 
 
 def optuna_storage(base: RunStore) -> Any:
