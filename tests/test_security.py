@@ -131,12 +131,13 @@ def test_token_cluster_refuses_clients_without_the_token(tmp_path):
             time.sleep(2)
         assert good is not None and good.returncode == 0, good.stderr[-3000:]
         assert "answer 42" in good.stdout  # the token holder gets in: the cluster works
-        stranger = {**base, "HOME": str(homes["stranger"])}  # no token anywhere
+        # a refused client retries for ~20 s by default; 3 tries are enough to see why
+        stranger = {**base, "HOME": str(homes["stranger"]), "RAY_gcs_server_port_wait_time_s": "3"}
         wrong = {**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": tokens["other"]}
-        for env in (stranger, {**stranger, "RAY_AUTH_MODE": "token"}, wrong):
+        for env in (stranger, wrong):  # no token anywhere; another cluster's token
             refused = _client(address, env)
             assert refused.returncode != 0 and "answer" not in refused.stdout
-            assert "token" in refused.stderr.lower(), refused.stderr[-3000:]
+            assert "AuthenticationError" in refused.stderr, refused.stderr[-3000:]
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:

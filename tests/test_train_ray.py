@@ -176,9 +176,9 @@ def test_latent_mode_round_trip(ray_cluster, tmp_path, tiny_vae):
     store = RunStore(str(tmp_path / "run"))
     overrides = ["model.latent=true", f"model.vae={vae_dir}", "model.vae_batch_size=32"]
     latents = run_stage("latents", config(*overrides), store)
-    assert latents["rows"] == 120 and latents["shape"] == [4, 4, 4]
+    assert latents["rows"] == ROWS and latents["shape"] == [4, 4, 4]
     table = pq.read_table(store.path("latents", "latents.parquet"))
-    assert table.num_rows == 120 and table.schema.field("latent").type.list_size == 64
+    assert table.num_rows == ROWS and table.schema.field("latent").type.list_size == 64
     _, _, manifest = train(tmp_path, *overrides, store=store)
     assert manifest["spec"]["latent"] and manifest["spec"]["channels"] == 4
     assert manifest["inputs"] == {"latents": latents["output_id"]}
