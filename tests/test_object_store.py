@@ -172,3 +172,33 @@ def test_default_pipeline_on_s3_then_skipped(s3_server, tmp_path):
     for name in enabled:
         same = redone[name]["started"] == done[name]["started"]
         assert same != STAGES[name].always, name
+
+
+def test_staged_and_fetched_folders(s3_server, monkeypatch, tmp_path):
+    """RunStore.staged uploads a temporary folder only when its block succeeds; fetched
+    gives a local copy that is removed afterwards; local run directories need neither."""
+    from dedt_ray.store import RunStore
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    store = RunStore(f"s3://{BUCKET}/runs/staged")
+    with store.staged("stage", "model") as folder:
+        assert not folder.startswith(store.root) and os.path.isdir(folder)
+        Path(folder, "weights.json").write_text('{"w": 1}')
+    assert store.read_json("stage", "model", "weights.json") == {"w": 1}
+    with pytest.raises(RuntimeError, match="half-written"):
+        with store.staged("stage", "broken") as folder:
+            Path(folder, "part.json").write_text("{}")
+            raise RuntimeError("half-written")
+    assert not store.exists("stage", "broken", "part.json")  # nothing uploaded
+    with store.fetched("stage", "model") as local:
+        assert json.loads(Path(local, "weights.json").read_text()) == {"w": 1}
+    assert not os.path.exists(local)
+    with pytest.raises(FileNotFoundError, match="not an existing folder"):
+        with store.fetched("stage", "nothing"):
+            pass
+    local_store = RunStore(str(tmp_path / "run"))  # the folders themselves, no copies
+    with local_store.staged("stage", "model") as folder:
+        assert folder == local_store.path("stage", "model")
+    with local_store.fetched("stage", "model") as local:
+        assert local == folder
