@@ -89,9 +89,11 @@ def test_every_stage_reads_only_its_declared_sections(ray_cluster, tmp_path, mon
     assert metrics["model_path"] == "tdc/model" and routed_info["tdc"] is True
     assert metrics["model"]["steps"] == routed_info["steps"] > done["train"]["steps"]
     assert metrics["model"]["flops"] == tdc["training_flops"]["total_flops"]
+    # evaluate counts the whole sampler (FlopCounterMode), tdc sums each group's batch-1
+    # forward: within a few % of each other, and well below the single model's count
     sampling = tdc["sampling_flops"]
-    assert ev["flops_per_image"] == pytest.approx(sampling["routed_flops_per_image"], rel=0.01)
-    assert ev["flops_per_image"] < sampling["single_flops_per_image"]  # not the single model
+    assert ev["flops_per_image"] == pytest.approx(sampling["routed_flops_per_image"], rel=0.03)
+    assert ev["flops_per_image"] < 0.9 * sampling["single_flops_per_image"]
     assert math.isfinite(ev["value"]) and ev["value"] > 0
     for name, sections in read.items():
         undeclared = sections - {*STAGES[name].sections, *STAGES[name].extra_sections(cfg)}
