@@ -16,8 +16,9 @@ Kinds (each run `--repeats` times, tiny configs on the digits source):
 - tune:   a sweep of one trial whose training raises once (train.fail_flag) with
   tune.max_failures=1: the trial must be retried and finish, training resumed.
 
-Prints one table row per kind and, with --json, writes every run's details. The functions
-are also the scenarios of tests/test_faults.py.
+Prints one table row per kind and, with --json, writes every run's details. The worker and
+driver functions are also the scenarios of tests/test_faults.py, `node_loss` of
+tests/test_multinode.py; tests/test_tune.py crashes a trial inside its restored sweep.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def worker_kill(run_dir: str, steps: int = 30, every: int = 10, kill_at: int = 1
         "resumed_at": resumed,
         "steps": manifest.get("steps"),
         "steps_redone": len(reported) - len(set(reported)),
+        "reported": reported,  # every train report's step, in the order the driver got them
         "checkpoint_every": every,
     }
 
@@ -274,6 +276,7 @@ def driver_kill(
     at_kill = {"checkpoints": _checkpoints(run_dir), "last_logged_step": max(logged, default=0)}
     before = _manifests(run_dir)
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    relogged = [int(m) for m in re.findall(r"train: step (\d+)/", rerun.stderr)]
     after = _manifests(run_dir)
     train = after.get("train", {})
     resumed = train.get("resumed_at", [])
@@ -287,6 +290,7 @@ def driver_kill(
         "stages_skipped_on_rerun": skipped,
         "checkpoints_at_kill": at_kill["checkpoints"],
         "last_step_logged_before_kill": at_kill["last_logged_step"],
+        "steps_logged_on_rerun": relogged,
         "resumed_at": resumed,
         "steps": train.get("steps"),
         "steps_redone": max(0, at_kill["last_logged_step"] - resumed[0]) if resumed else None,

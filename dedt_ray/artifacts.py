@@ -16,6 +16,7 @@ names and readers below. No torch here (the CLI imports this before any cluster 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from dedt_ray.store import RunStore
 
@@ -41,6 +43,47 @@ def model_dir(stage: str) -> tuple[str, str]:
 
 
 # -- tables --------------------------------------------------------------------------------
+# Arrow extension types whose values are pickles: Ray Data's object column, and pyarrow's
+# legacy PyExtensionType. Converting such a column to Python (to_pylist, to_numpy) unpickles
+# it wherever ray.data is imported, so no table the project reads may hold one.
+PICKLED_TYPES = ("ray.data.arrow_pickled_object", "arrow.py_extension_type")
+
+
+def _nested(kind: pa.DataType) -> list[pa.Field]:
+    if isinstance(kind, pa.StructType):
+        return [kind.field(i) for i in range(kind.num_fields)]
+    if isinstance(kind, pa.MapType):
+        return [kind.key_field, kind.item_field]
+    value = getattr(kind, "value_field", None)  # list, large_list, fixed_size_list
+    return [value] if value is not None else []
+
+
+def _holds_pickles(column: pa.Field) -> bool:
+    """A pickled extension type, registered (the type) or not (the field's metadata)."""
+    name = (column.metadata or {}).get(b"ARROW:extension:name", b"").decode(errors="replace")
+    kind = column.type
+    if isinstance(kind, pa.ExtensionType):
+        name, kind = kind.extension_name, kind.storage_type
+    return name in PICKLED_TYPES or any(_holds_pickles(f) for f in _nested(kind))
+
+
+def refuse_pickled_columns(schema: pa.Schema, where: str) -> None:
+    """Raise naming `where` and the columns whose values only unpickling would read."""
+    pickled = [f.name for f in schema if _holds_pickles(f)]
+    if pickled:
+        raise ValueError(
+            f"{where}: columns {pickled} hold pickled Python objects (Arrow extension "
+            f"{'/'.join(PICKLED_TYPES)}); dedt-ray never unpickles a file, write plain types"
+        )
+
+
+def parquet_rows(data: bytes, where: str) -> list[dict[str, Any]]:
+    """A small parquet file's rows as dicts (refusing pickled columns)."""
+    table = pq.read_table(io.BytesIO(data))
+    refuse_pickled_columns(table.schema, where)
+    return table.to_pylist()
+
+
 def vector_table(ids: Any, labels: Any, column: str, vectors: np.ndarray) -> pa.Table:
     """id, label and one fixed_size_list<float32> column (the embeddings and latents schema)."""
     flat = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
@@ -57,6 +100,7 @@ def vector_table(ids: Any, labels: Any, column: str, vectors: np.ndarray) -> pa.
 def read_scores(store: RunStore) -> pa.Table:
     """The select stage's scores.parquet (every row), checked for the columns readers need."""
     table = pads.dataset(store.uri(store.path(*SCORES)), format="parquet").to_table()
+    refuse_pickled_columns(table.schema, store.uri(store.path(*SCORES)))
     missing = {"id", "label", "kept"} - set(table.column_names)
     if missing:
         raise ValueError(f"{store.path(*SCORES)} lacks columns {sorted(missing)}")

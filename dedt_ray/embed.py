@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import ray.data
 
-from dedt_ray.artifacts import CLASSES, vector_table
+from dedt_ray.artifacts import CLASSES, refuse_pickled_columns, vector_table
 from dedt_ray.artifacts import EMBEDDINGS as EMBEDDINGS_PATH
 from dedt_ray.config import Config, EmbedConfig
 from dedt_ray.data import open_source
@@ -62,6 +62,7 @@ class _Encode:
 def read_embeddings(store: RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, embeddings float32 [N, D]) from a completed embed stage."""
     table = pads.dataset(store.uri(store.path(*EMBEDDINGS_PATH)), format="parquet").to_table()
+    refuse_pickled_columns(table.schema, store.uri(store.path(*EMBEDDINGS_PATH)))
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
     matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from dedt_ray.artifacts import parquet_rows
 from dedt_ray.config import Config, dump_config
 from dedt_ray.stages import STAGES, StageContext
 from dedt_ray.store import MANIFEST, RunStore
@@ -71,9 +72,7 @@ def read_history(store: RunStore) -> list[dict[str, Any]]:
     data = _maybe_bytes(store, "train", "metrics.parquet")
     if data is None:
         return []
-    import pyarrow.parquet as pq
-
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+    return parquet_rows(data, store.uri(store.path("train", "metrics.parquet")))
 
 
 def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifacts:
@@ -97,9 +96,7 @@ def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifac
     for stage in ("train", "tdc"):
         data = _maybe_bytes(store, stage, "curve.parquet") if stage in art.manifests else None
         if data is not None:
-            import pyarrow.parquet as pq
-
-            art.curves[stage] = pq.read_table(io.BytesIO(data)).to_pylist()
+            art.curves[stage] = parquet_rows(data, store.uri(store.path(stage, "curve.parquet")))
     if "evaluate" in art.manifests:
         if store.exists("evaluate", "metrics.json"):
             art.metrics = store.read_json("evaluate", "metrics.json")
@@ -108,9 +105,7 @@ def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifac
         art.samples_png = _maybe_bytes(store, "evaluate", "samples.png")
     results = _maybe_bytes(store, "tune", "results.parquet")
     if results is not None:
-        import pyarrow.parquet as pq
-
-        art.tune_rows = pq.read_table(io.BytesIO(results)).to_pylist()
+        art.tune_rows = parquet_rows(results, store.uri(store.path("tune", "results.parquet")))
         art.tune_png = _maybe_bytes(store, "tune", "pareto.png")
         best = _maybe_bytes(store, "tune", "best.yaml")
         art.tune_best_yaml = best.decode() if best is not None else None

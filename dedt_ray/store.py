@@ -3,15 +3,23 @@
 A stage's artifacts count as complete only when its `_manifest.json` exists: a stage first
 clears its folder, writes its artifacts, and writes the manifest last (atomically), so a
 crash never leaves a half-written stage that looks done.
+
+Code that needs a local folder (diffusers' `save_pretrained`, an SQLite file) goes through
+`RunStore.staged` (write) and `RunStore.fetched` / `local_folder` (read): the folder itself
+on a local run directory, a temporary copy on an object store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -54,6 +62,24 @@ class RunStore:
         if not self.is_local:
             raise ValueError(f"{self} is not on the local filesystem")
         return self.path(*parts)
+
+    @contextlib.contextmanager
+    def staged(self, *parts: str) -> Iterator[str]:
+        """A local folder to write `<run>/<parts>` into: that folder on a local run directory;
+        else a temporary one, uploaded there when the block ends without an error."""
+        dest = self.path(*parts)
+        if self.is_local:
+            os.makedirs(dest, exist_ok=True)
+            yield dest
+            return
+        with tempfile.TemporaryDirectory(prefix="dedt-staged-") as tmp:
+            yield tmp
+            self.fs.create_dir(dest, recursive=True)
+            pafs.copy_files(tmp, dest, destination_filesystem=self.fs)
+
+    def fetched(self, *parts: str) -> contextlib.AbstractContextManager[str]:
+        """A local folder holding `<run>/<parts>` (see `local_folder`)."""
+        return local_folder(self.uri(self.path(*parts)))
 
     # files -----------------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:
@@ -133,3 +159,51 @@ class RunStore:
 
     def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
         self.write_json(manifest, stage, MANIFEST)
+
+
+@contextlib.contextmanager
+def local_folder(uri: str) -> Iterator[str]:
+    """A local folder with the content of the folder `uri`: the folder itself when it is a
+    local path, else a temporary copy, removed when the block ends."""
+    if "://" not in uri:
+        yield uri
+        return
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri} is not an existing folder")
+    tmp = tempfile.mkdtemp(prefix="dedt-fetched-")
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_own_files(folder: str, why: str) -> None:
+    """Refuse a local folder someone else could have written: PermissionError naming the
+    first path under `folder` (itself included, sorted walk) that is not owned by the current
+    user or that group or others may write. `why`: what would read it (for the message)."""
+    if not hasattr(os, "getuid"):
+        return
+    me = os.getuid()
+    for path in _walk(folder):
+        info = os.lstat(path)
+        if info.st_uid != me:
+            problem = f"is owned by uid {info.st_uid}, not by you (uid {me})"
+        elif info.st_mode & 0o022:
+            problem = f"is writable by group or others (mode {oct(info.st_mode & 0o777)})"
+        else:
+            continue
+        raise PermissionError(
+            f"{path} {problem}: refusing it, because {why}. Only files your own user wrote "
+            f"and others cannot change are trusted: if you wrote them, `chmod -R go-w "
+            f"{folder}`; else move the folder away to start afresh"
+        )
+
+
+def _walk(folder: str) -> Iterator[str]:
+    yield folder
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            yield os.path.join(root, name)

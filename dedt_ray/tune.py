@@ -314,6 +314,7 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), resources)
     path = posixpath.join(storage_path, SWEEP)
     if ray.tune.Tuner.can_restore(path):
+        check_sweep_state(base)
         log.info("tune: resuming the sweep in %s", path)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
@@ -325,6 +326,17 @@ def run_sweep(cfg: Config, run_dir: str, interrupt_after: int | None = None) -> 
         tuner = new_tuner(cfg, base, space, trainable, int(embed["rows"]), callbacks)
     grid = tuner.fit()
     return write_results(cfg, base, grid, space)
+
+
+def check_sweep_state(base: RunStore) -> None:
+    """`Tuner.restore` unpickles `<run>/tune/sweep/` (tuner.pkl, the experiment and searcher
+    state): refuse it unless this user wrote it and nobody else can change it. An object-store
+    run directory is trusted as far as its bucket's write permissions (docs/tune.md)."""
+    from dedt_ray.store import check_own_files
+
+    if base.is_local:
+        why = "Ray Tune unpickles the sweep's state when it restores a sweep (docs/tune.md)"
+        check_own_files(base.path("tune", SWEEP), why)
 
 
 def new_tuner(
@@ -383,14 +395,18 @@ def new_tuner(
 
 
 def max_reports(cfg: Config, rows: int) -> int:
-    """Results one trial reports at most: one per train log/checkpoint step, plus the final
-    one (with an epoch budget, for a trial that keeps all `rows`)."""
+    """ASHA's max_t: the train reports of one trial (every log or checkpoint step, and the
+    last step; with an epoch budget, for a trial that keeps all `rows`), plus its objectives'
+    report, plus one spare. ASHA stops a trial at a result numbered max_t or more, so a
+    smaller value would stop a trial before its objectives arrive."""
     tc = trial_config(cfg.model_dump(mode="json"), cfg.tune.trial_overrides, {}, {}).train
     steps = tc.steps
     if cfg.tune.epochs:
         steps = epoch_steps(rows, cfg.tune.epochs, tc.batch_size, cfg.tune.min_steps)
-    every = min(tc.log_every, tc.checkpoint_every)
-    return math.ceil(steps / every) + 2
+    log, ckpt = tc.log_every, tc.checkpoint_every
+    train = steps // log + steps // ckpt - steps // math.lcm(log, ckpt)  # either multiple
+    train += steps % log != 0 and steps % ckpt != 0  # the last step reports too
+    return train + 2
 
 
 def optuna_storage(base: RunStore) -> Any:

@@ -96,3 +96,39 @@ def tiny_vae() -> Callable[..., Any]:
         )
 
     return build
+
+
+@pytest.fixture(scope="session")
+def upstream(ray_cluster, tmp_path_factory) -> Any:
+    """A real embed -> select run (`runs.UPSTREAM`); copy it (`runs.copy_run`) to build on."""
+    from runs import UPSTREAM
+
+    from dedt_ray.config import load_config
+    from dedt_ray.pipeline import run_pipeline
+    from dedt_ray.store import RunStore
+
+    store = RunStore(str(tmp_path_factory.mktemp("upstream") / "run"))
+    run_pipeline(load_config(None, UPSTREAM), store, only=["embed", "select"])
+    return store
+
+
+@pytest.fixture(scope="session")
+def trained(upstream, tmp_path_factory) -> Any:
+    """`upstream` continued: reference -> reweight -> train (`runs.TRAINED`): one trained tiny
+    model with its checkpoints, class weights and metrics. Copy it before changing it."""
+    from runs import TRAINED, copy_run
+
+    from dedt_ray.config import load_config
+    from dedt_ray.pipeline import run_pipeline
+
+    store = copy_run(upstream, tmp_path_factory.mktemp("trained") / "run", "embed", "select")
+    run_pipeline(load_config(None, TRAINED), store, only=["reference", "reweight", "train"])
+    return store
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Any:
+    """A random-weight FID Inception file saved as pytorch-fid's (torch.save of tensors)."""
+    from tiny_models import save_inception
+
+    return save_inception(tmp_path_factory.mktemp("inception") / "pt_inception.pth")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import copy_run
 from tiny_models import save_clip, save_dinov2, save_inception
 
 from dedt_ray.config import load_config
@@ -263,24 +264,16 @@ def test_share_sampler_deterministic_and_flops(tmp_path: Path, one_thread: None)
 
 
 # -- the stage -----------------------------------------------------------------------------
-def _fake_train(store: RunStore, num_classes: int | None) -> None:
-    save_tiny_model(Path(store.path("train", "model")), num_classes)
-    store.write_manifest("train", {"output_id": "t0", "rows": 100, "seconds": 1.0})
-
-
 @pytest.fixture(scope="module")
-def evaluated(ray_cluster, tmp_path_factory):
-    """One conditional evaluate run on 8 px digits (fallback feature space, plus tiny random
-    CLIP and DINOv2 spaces; the subset "selected" with that DINOv2), then a rerun."""
+def evaluated(trained, tmp_path_factory):
+    """One conditional evaluate run on 8 px digits of the session's trained tiny model
+    (fallback feature space, plus tiny random CLIP and DINOv2 spaces; the data embedded
+    for selection with that DINOv2, a real embed run), then a rerun."""
     from dedt_ray.pipeline import run_stage
 
     root = tmp_path_factory.mktemp("eval")
     clip, dinov2 = save_clip(root / "clip"), save_dinov2(root / "dinov2")
-    store = RunStore(str(root / "run"))
-    _fake_train(store, num_classes=10)
-    store.write_manifest(
-        "embed", {"output_id": "e0", "rows": 400, "encoder": "dinov2", "model": str(dinov2)}
-    )
+    store = copy_run(trained, root / "run", "train")
     cfg = load_config(
         None,
         ["data.image_size=8", "data.limit=400", "evaluate.samples_per_class=12",
@@ -288,8 +281,10 @@ def evaluated(ray_cluster, tmp_path_factory):
          "evaluate.batch_size=64", "evaluate.grid_columns=6", "evaluate.nearest_k=3",
          "evaluate.kid_subsets=20", "evaluate.inception_weights=/nonexistent/pt_inception.pth",
          f"evaluate.extra_spaces=[{{encoder: clip, model: '{clip}'}}, "
-         f"{{encoder: dinov2, model: '{dinov2}'}}]"],
+         f"{{encoder: dinov2, model: '{dinov2}'}}]",
+         "embed.encoder=dinov2", f"embed.model={dinov2}"],
     )  # fmt: skip
+    run_stage("embed", cfg, store)
     warnings = _Records()
     logging.getLogger("dedt_ray").addHandler(warnings)
     try:
@@ -353,7 +348,8 @@ def test_evaluate_stage_metrics(evaluated) -> None:
     assert per_class["metric"] == "FD_digits-cnn"
     assert [c["label"] for c in per_class["classes"]] == list(range(10))
     assert all(c["generated"] == 12 and c["real"] > 10 for c in per_class["classes"])
-    assert [c["name"] for c in per_class["classes"]][:2] == ["c0", "c1"]
+    names = store.read_json("train", "model", "dedt_model.json")["classes"]  # the export's
+    assert [c["name"] for c in per_class["classes"]] == names == [str(i) for i in range(10)]
     assert all(math.isfinite(c["kid"]) for c in per_class["classes"])
     assert sum(c["real"] for c in per_class["classes"]) == 400
 
@@ -407,11 +403,13 @@ def test_evaluate_then_report_numbers_match(evaluated) -> None:
     assert "FD_dinov2 and KD_dinov2 are measured with the selection encoder" in page
 
 
-def test_auto_picks_inception_when_its_weights_exist(tmp_path: Path, one_thread: None) -> None:
+def test_auto_picks_inception_when_its_weights_exist(
+    tmp_path: Path, one_thread: None, inception_file: Path
+) -> None:
     """With the weights file present, `auto` measures real FID (random weights here)."""
     from dedt_ray.evaluate.stage import resolve_feature_space
 
-    weights = save_inception(tmp_path / "pt_inception.pth")
+    weights = inception_file
     cfg = load_config(None, ["data.image_size=8", f"evaluate.inception_weights={weights}"])
     store = RunStore(str(tmp_path / "run"))
     space, source = resolve_feature_space(cfg, store, 0.0)
@@ -433,7 +431,7 @@ def test_inception_requested_but_missing(tmp_path: Path) -> None:
 
 
 def test_confound_warning_for_inception_selection(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, inception_file: Path
 ) -> None:
     """embed.encoder=inception with FID's own weights file (or a copy of it) is flagged."""
     import shutil
@@ -441,7 +439,7 @@ def test_confound_warning_for_inception_selection(
     from dedt_ray.evaluate.spaces import confound_notes, same_weights, selection_encoder
     from dedt_ray.evaluate.stage import resolve_feature_space, selection_notes
 
-    weights = save_inception(tmp_path / "pt_inception.pth")
+    weights = inception_file
     copy = shutil.copy(weights, tmp_path / "copy.pth")
     other = save_inception(tmp_path / "other" / "other.pth", seed=1)
     cfg = load_config(

@@ -1,5 +1,6 @@
-"""Two Ray nodes on one machine (`ray.cluster_utils.Cluster`): embedding runs on both nodes
-and a 2-worker training run puts one worker on each node.
+"""Ray nodes on one machine (`ray.cluster_utils.Cluster`, a head without CPUs): embedding runs
+on two nodes and a 2-worker training run puts one worker on each node; then, on the same
+cluster, a node lost during embedding (benchmarks/faults.py's node scenario) costs no row.
 
 The cluster runs in a subprocess (this file as a script), away from the session fixture's
 single-node cluster; the subprocess prints one JSON line of what it saw.
@@ -44,60 +45,67 @@ def actor_nodes(class_part: str) -> list[str]:
     ]
 
 
-def scenario(run_dir: str) -> dict:
-    """Embed digits (an encoder actor pool of up to 2) and train 2 workers on a 2-node
-    cluster; returns the node ids, the embedded ids' counts and where the actors ran."""
-    import ray
-
+def spread(run_dir: str, nodes: list[str]) -> dict:
+    """Embed digits (an encoder actor pool of up to 2) and train 2 workers on the two 1-CPU
+    `nodes`; returns the embedded ids' counts and where the actors ran."""
     from dedt_ray.config import load_config
     from dedt_ray.data import open_source
     from dedt_ray.embed import embed_dataset
     from dedt_ray.pipeline import run_stage
     from dedt_ray.store import RunStore
 
+    cfg = load_config(
+        None,
+        [
+            "data.image_size=8",
+            "data.limit=512",
+            "embed.encoder=random_projection",
+            "embed.dim=16",
+            "embed.batch_size=16",
+            "embed.actors=2",
+        ],
+    )
+    source = open_source(cfg.data)
+    blocks = source.dataset.repartition(16)  # enough queued blocks to grow the pool to 2
+    ds = embed_dataset(blocks, cfg.embed, 1, 8).materialize()
+    ids = [r["id"] for r in ds.select_columns(["id"]).iter_rows()]
+    embed = {"rows": len(ids), "unique": len(set(ids))}
+
+    manifest = run_stage("train", load_config(None, TRAIN), RunStore(run_dir))
+    return {
+        "nodes": sorted(nodes),
+        "embed": embed,
+        "encoder_actor_nodes": actor_nodes("_Encode"),
+        "train": {"steps": manifest["steps"], "shard_rows": manifest["shard_rows"]},
+        "train_worker_nodes": actor_nodes("RayTrainWorker"),
+    }
+
+
+def scenario(workdir: str) -> dict:
+    """`spread` on two 1-CPU nodes; those nodes removed, then `faults.node_loss` on the same
+    cluster (it adds the node it loses)."""
+    import ray
+
     sys.path.insert(0, str(ROOT))
-    from benchmarks.faults import local_cluster
+    from benchmarks.faults import FAST_NODE_DEATH, local_cluster, node_loss
 
-    cluster = local_cluster(head_cpus=1)  # 1 CPU a node: 2 encoders or 2 workers need both
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-    cluster.wait_for_nodes()
+    cluster = local_cluster(head_cpus=0, **FAST_NODE_DEATH)
     try:
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        cfg = load_config(
-            None,
-            [
-                "data.image_size=8",
-                "data.limit=512",
-                "embed.encoder=random_projection",
-                "embed.dim=16",
-                "embed.batch_size=16",
-                "embed.actors=2",
-            ],
-        )
-        source = open_source(cfg.data)
-        blocks = source.dataset.repartition(16)  # enough queued blocks to grow the pool to 2
-        ds = embed_dataset(blocks, cfg.embed, 1, 8).materialize()
-        ids = [r["id"] for r in ds.select_columns(["id"]).iter_rows()]
-        embed = {"rows": len(ids), "unique": len(set(ids))}
-
-        store = RunStore(run_dir)
-        manifest = run_stage("train", load_config(None, TRAIN), store)
-        return {
-            "nodes": nodes,
-            "embed": embed,
-            "encoder_actor_nodes": actor_nodes("_Encode"),
-            "train": {"steps": manifest["steps"], "shard_rows": manifest["shard_rows"]},
-            "train_worker_nodes": actor_nodes("RayTrainWorker"),
-        }
+        added = [cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20) for _ in "ab"]
+        cluster.wait_for_nodes()
+        seen = spread(os.path.join(workdir, "spread"), [n.node_id for n in added])
+        for node in added:
+            cluster.remove_node(node)
+        return {**seen, "node_loss": node_loss(os.path.join(workdir, "node"), cluster)}
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 @pytest.mark.slow
-def test_embed_and_train_spread_over_two_nodes(tmp_path):
+def test_two_nodes_share_the_work_and_a_lost_node_costs_no_row(tmp_path):
     out = subprocess.run(
-        [sys.executable, __file__, str(tmp_path / "run")],
+        [sys.executable, __file__, str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -112,6 +120,12 @@ def test_embed_and_train_spread_over_two_nodes(tmp_path):
     assert sorted(set(seen["encoder_actor_nodes"])) == seen["nodes"]  # an encoder on each
     assert seen["train"]["steps"] == 2 and len(seen["train"]["shard_rows"]) == 2
     assert sorted(seen["train_worker_nodes"]) == seen["nodes"]  # one worker per node
+
+    lost = seen["node_loss"]  # the embed stage's node removed mid-stage, then replaced
+    assert lost["survived"], lost
+    assert lost["removed_during_embedding"] and lost["encoders_on_removed_node"] >= 1, lost
+    assert lost["rows_written"] == lost["rows_expected"] == 600
+    assert lost["rows_lost"] == 0 and lost["rows_duplicated"] == 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""report.html: self-contained, missing stages left out, numbers equal the JSON artifacts."""
+"""report.html: self-contained, missing stages left out, numbers equal the JSON artifacts.
+
+The run reported is the session's real `trained` run (embed -> select -> reference ->
+reweight -> train) with an evaluate stage written by hand (its values pick the formatting
+cases: None, long decimals); test_evaluate.py reports a real evaluate run too."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from runs import copy_run
 
 from dedt_ray.config import load_config
 from dedt_ray.report import REPORT, collect, render
@@ -91,24 +96,14 @@ def _train_manifest(store: RunStore, images: int, flops: float, wall: float) -> 
     )  # fmt: skip
 
 
+UPSTREAM = ("embed", "select", "reference", "reweight", "train")
+
+
 @pytest.fixture
-def full_run(tmp_path: Path) -> tuple[RunStore, str]:
-    """A run directory with every artifact the report shows, plus a baseline run."""
-    store = RunStore(str(tmp_path / "run"))
-    store.write_manifest(
-        "embed", {"output_id": "e", "rows": 1797, "skipped": 0, "seconds": 3.25,
-                  "started": "2026-01-01T00:00:00+00:00", "summary": "1797 images embedded"},
-    )  # fmt: skip
-    store.write_manifest(
-        "select",
-        {"output_id": "s", "rows": 1797, "kept": 899, "skipped": 0, "seconds": 1.5,
-         "summary": "kept 899/1797", "per_class": [{"label": 0, "n": 178, "kept": 89}]},
-    )  # fmt: skip
-    store.write_bytes(_png((200, 30, 30)), "select", "examples.png")
-    store.write_manifest("reweight", {"output_id": "r", "seconds": 0.5, "summary": "weights"})
-    store.write_bytes(_png((30, 30, 200)), "reweight", "class_weights.png")
-    _train_manifest(store, 6400, 3.2e12, 40.0)
-    _history(store, 10, 1.0)
+def full_run(trained, tmp_path: Path) -> tuple[RunStore, str]:
+    """A run directory with every artifact the report shows, plus a baseline run that
+    trained twice the FLOPs in 2.5 times the wall time."""
+    store = copy_run(trained, tmp_path / "run", *UPSTREAM)
     store.write_manifest("evaluate", {"output_id": "v", "seconds": 7.0, "rows": 120})
     metrics = {
         "metric": "FD_digits-cnn",
@@ -132,7 +127,9 @@ def full_run(tmp_path: Path) -> tuple[RunStore, str]:
     store.write_bytes(_png((20, 160, 20), (80, 80)), "evaluate", "samples.png")
 
     base = RunStore(str(tmp_path / "baseline"))
-    _train_manifest(base, 12800, 6.4e12, 100.0)
+    train = store.manifest("train")
+    _train_manifest(base, 2 * train["images_seen"], 2 * train["flops"],
+                    2.5 * train["train_wall_seconds"])  # fmt: skip
     _history(base, 20, 2.0)
     store_metrics = {**metrics, "metrics": {**metrics["metrics"], "FD_digits-cnn": 10.0}}
     base.write_json(store_metrics, "evaluate", "metrics.json")
@@ -144,14 +141,16 @@ def test_report_sections_and_numbers_match_json(full_run) -> None:
     store, baseline = full_run
     cfg = load_config(None, [f"report.baseline_run={baseline}"])
     manifest = report_run(cfg, store, StageContext())
-    assert manifest["stages"] == ["embed", "select", "reweight", "train", "evaluate"]
+    assert manifest["stages"] == [*UPSTREAM, "evaluate"]  # in DAG order
     page = Path(store.path(REPORT)).read_text()
 
     # self-contained: no external resources, every image a decodable PNG data URI
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
     assert "url(" not in page and "<script" not in page and "<link" not in page
     sources = re.findall(r'<img[^>]*src="([^"]+)"', page)
-    assert len(sources) == 4  # selection, class weights, loss curve, samples
+    weight_plots = [n for n in store.list("reweight") if n.endswith(".png")]
+    assert len(weight_plots) == 2  # selection, weight plots, loss curve, samples:
+    assert len(sources) == 1 + len(weight_plots) + 1 + 1
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
@@ -177,13 +176,14 @@ def test_report_sections_and_numbers_match_json(full_run) -> None:
         assert (row[2][0] == "n/a") if want["value"] is None else float(row[2][0]) == want["value"]
         assert int(row[3][0]) == want["real"] and int(row[4][0]) == want["generated"]
 
-    stages = {row[0][0]: [c[0] for c in row] for row in tables["stages"]}
-    assert list(stages) == ["embed", "select", "reweight", "train", "evaluate"]
-    assert "899" in stages["select"] and "3.25" in stages["embed"]
+    stages = {row[0][0]: [c[1] for c in row] for row in tables["stages"]}  # exact values
+    assert list(stages) == [*UPSTREAM, "evaluate"]
+    select, embed, train = (store.manifest(s) for s in ("select", "embed", "train"))
+    assert repr(select["kept"]) in stages["select"] and repr(embed["seconds"]) in stages["embed"]
 
     compute = {row[0][0]: row[1:] for row in tables["compute"]}
     flops = compute["training FLOPs"]
-    assert float(flops[0][1]) == 3.2e12 and float(flops[1][1]) == 6.4e12
+    assert float(flops[0][1]) == train["flops"] and float(flops[1][1]) == 2 * train["flops"]
     assert float(flops[2][1]) == pytest.approx(2.0)  # baseline / this run
     assert float(compute["training wall seconds"][2][1]) == pytest.approx(2.5)
     assert float(compute["FD_digits-cnn"][0][0]) == pytest.approx(12.345678912, rel=1e-5)
@@ -242,6 +242,9 @@ def screenshot(html_path: Path, png: Path, profile: Path) -> Image.Image:
 )
 def test_report_renders_in_headless_chromium(full_run, tmp_path: Path) -> None:
     store, baseline = full_run
+    # solid colours in the run's images, so the screenshot can find them
+    store.write_bytes(_png((200, 30, 30)), "select", "examples.png")
+    store.write_bytes(_png((30, 30, 200)), "reweight", "class_weights.png")
     report_run(load_config(None, [f"report.baseline_run={baseline}"]), store, StageContext())
     shot = screenshot(Path(store.path(REPORT)), tmp_path / "shot.png", tmp_path / "profile")
     assert shot.size == (1200, 3000)

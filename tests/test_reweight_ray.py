@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from runs import ROWS, TRAINED, UPSTREAM, copy_run
 
-from dedt_ray.artifacts import read_class_weights
+from dedt_ray.artifacts import CLASSES, read_class_weights
 from dedt_ray.config import ConfigError, ModelConfig, load_config
 from dedt_ray.diffusion.export import load_export
 from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler, build_unet
@@ -26,17 +27,7 @@ from dedt_ray.store import RunStore
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.degraded_class import MODEL, digits_run  # noqa: E402
 
-SMALL = [
-    *MODEL,
-    "data.limit=150",
-    "train.steps=40",
-    "train.batch_size=10",
-    "train.log_every=2",
-    "train.checkpoint_every=3",
-    "reference.steps=6",
-    "reweight.steps=8",
-    "reference.data=subset",
-]
+SMALL = TRAINED  # the session's `trained` run: reference.steps=6, reweight.steps=8, ...
 
 
 # -- 1 vs 2 DDP workers on the same global batches -----------------------------------------
@@ -118,36 +109,16 @@ def test_one_and_two_ddp_workers_give_the_same_weights(ray_cluster, tmp_path):
 
 
 # -- the stages ----------------------------------------------------------------------------
-def _write_select(store: RunStore, n: int = 150) -> int:
-    """A fake select stage keeping 2 of every 3 digits (labels are the digits' own)."""
-    from sklearn.datasets import load_digits
-
-    labels = load_digits().target[:n]
-    kept = [i % 3 != 0 for i in range(n)]
-    table = pa.table(
-        {
-            "id": [f"digits/{i:05d}" for i in range(n)],
-            "label": labels.astype(np.int64),
-            "criterion": ["random"] * n,
-            "score": np.zeros(n),
-            "kept": kept,
-        }
-    )
-    store.fs.create_dir(store.path("select"), recursive=True)
-    pq.write_table(table, store.path("select", "scores.parquet"))
-    store.write_manifest("select", {"stage": "select", "output_id": "sel-1", "rows": n})
-    store.write_json({"classes": [f"digit {i}" for i in range(10)]}, "embed", "classes.json")
-    return sum(kept)
+STAGED = ("embed", "select", "reference", "reweight", "train")
 
 
 @pytest.fixture(scope="module")
-def staged(ray_cluster, tmp_path_factory):
-    """select (fake) -> reference -> reweight -> train, in-process, on 100 kept digits."""
-    store = RunStore(str(tmp_path_factory.mktemp("rw") / "run"))
-    kept = _write_select(store)
-    cfg = load_config(None, SMALL)
-    out = {name: run_stage(name, cfg, store) for name in ("reference", "reweight", "train")}
-    return cfg, store, kept, out
+def staged(trained, tmp_path_factory):
+    """The session's real embed -> select -> reference -> reweight -> train run (in-process,
+    on the kept digits), copied: tests here rerun its stages."""
+    store = copy_run(trained, tmp_path_factory.mktemp("rw") / "run", *STAGED)
+    out = {name: store.manifest(name) for name in STAGED}
+    return load_config(None, SMALL), store, out["select"]["kept"], out
 
 
 def test_reference_stage_trains_and_exports(staged):
@@ -155,7 +126,7 @@ def test_reference_stage_trains_and_exports(staged):
     ref = out["reference"]
     assert ref["source"] == "trained" and ref["data"] == "subset" and ref["rows"] == kept
     assert ref["steps"] == 6 and ref["flops"] == 6 * ref["flops_per_step"] > 0
-    assert ref["inputs"] == {"select": "sel-1"}
+    assert ref["inputs"] == {"select": out["select"]["output_id"]}
     unet, _, _, info = load_export(store.path("reference", "model"))
     assert unet.config.num_class_embeds == 11 and info["steps"] == 6
 
@@ -164,12 +135,11 @@ def test_default_reference_is_small_and_learns_the_full_data(staged, tmp_path):
     """DoReMi's reference: the full data, uniform weights, the small shared architecture, as
     many steps as the budget buys (reference + proxy <= reweight.budget of the final FLOPs)."""
     _, done, _, _ = staged
-    store = RunStore(str(tmp_path / "run"))
-    _write_select(store)
-    cfg = load_config(None, [*MODEL, "data.limit=150", "train.steps=40", "train.batch_size=10"])
+    store = copy_run(done, tmp_path / "run", "embed", "select")
+    cfg = load_config(None, [*UPSTREAM, *MODEL, "train.steps=40", "train.batch_size=10"])
     ref = run_stage("reference", cfg, store)
-    assert ref["data"] == "full" and ref["rows"] == 150
-    assert ref["inputs"] == {"select": "sel-1"}  # only lends its groups (to unlabelled data)
+    assert ref["data"] == "full" and ref["rows"] == ROWS
+    assert set(ref["inputs"]) == {"select"}  # only lends its groups (to unlabelled data)
     plan = ref["dro_plan"]
     assert ref["steps"] == plan["reference_steps"] == plan["proxy_steps"] > 1
     assert plan["planned_fraction"] <= cfg.reweight.budget
@@ -182,13 +152,18 @@ def test_reweight_stage_artifacts(staged):
     cfg, store, kept, out = staged
     rw = out["reweight"]
     assert rw["rows"] == kept and rw["steps"] == 8 and rw["num_updates"] == 8
-    assert rw["inputs"] == {"select": "sel-1", "reference": out["reference"]["output_id"]}
+    assert rw["inputs"] == {
+        "select": out["select"]["output_id"],
+        "reference": out["reference"]["output_id"],
+    }
     obj = store.read_json("reweight", "class_weights.json")
     weights = read_class_weights(obj, 10)  # the format the trainer reads
     np.testing.assert_allclose(weights, rw["class_weights"])
     assert obj["names"]["3"] == "3" and rw["class_names"][3] == "3"  # the dataset's names
-    assert class_names(store, None, 10)[3] == "digit 3"  # else embed/classes.json
-    assert class_names(store, None, 4) == ["0", "1", "2", "3"]  # else the labels
+    names = RunStore(str(store.root + "-names"))
+    names.write_json({"classes": [f"digit {i}" for i in range(10)]}, *CLASSES)
+    assert class_names(names, None, 10)[3] == "digit 3"  # else embed/classes.json
+    assert class_names(names, None, 4) == ["0", "1", "2", "3"]  # else the labels
     assert not np.allclose(weights, 0.1, atol=1e-4)  # they moved
     trace = pq.read_table(store.path("reweight", "trace.parquet"))
     assert {"step", "class", "weight", "excess"} <= set(trace.column_names)
@@ -242,14 +217,10 @@ def test_train_uses_the_weights_and_reruns_when_they_change(staged):
 
 
 def test_reweight_resumes_with_the_same_weights(staged, tmp_path):
-    import shutil
-
     _, done, _, out = staged
     flag = tmp_path / "fail.flag"
     flag.write_text("x")
-    store = RunStore(str(tmp_path / "run"))
-    _write_select(store)
-    shutil.copytree(done.path("reference"), store.path("reference"))  # the same reference
+    store = copy_run(done, tmp_path / "run", "embed", "select", "reference")  # same reference
     crash = [
         "train.num_workers=1",
         "train.max_failures=1",

@@ -1,53 +1,44 @@
-"""The select stage on a local Ray cluster: same kept set as the pure library, artifacts."""
+"""The select stage on a local Ray cluster, on the session's real embed output: same kept
+set as the pure library, artifacts."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from runs import ROWS, UPSTREAM, copy_run
 
 from dedt_ray import selection
 from dedt_ray.config import load_config
-from dedt_ray.embed import EMBEDDINGS, embedding_table, read_embeddings
+from dedt_ray.embed import EMBEDDINGS, read_embeddings
 from dedt_ray.pipeline import run_stage
 from dedt_ray.selection.stage import SCORE_COLUMNS
 from dedt_ray.store import RunStore
 
 
-def _fake_embed(store: RunStore, n_per_class=(30, 12, 1), dim=6, seed=0):
-    """Write an embed stage by hand: a few classes, one of them a single member."""
-    rng = np.random.default_rng(seed)
-    ids, labels, rows = [], [], []
-    for label, n in enumerate(n_per_class):
-        for i in range(n):
-            ids.append(f"digits/{label * 100 + i:05d}")
-            labels.append(label)
-            rows.append(rng.normal(label, 1.0, dim))
-    order = rng.permutation(len(ids))  # the stage must not depend on row order
-    table = embedding_table(np.array(ids)[order], np.array(labels)[order], np.array(rows)[order])
-    store.write_bytes(b"", "embed", EMBEDDINGS, ".keep")
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, store.path("embed", EMBEDDINGS, "part-0.parquet"))
-    store.write_manifest("embed", {"output_id": "fake", "rows": len(ids)})
+def _kept_per_class(labels: np.ndarray, ratio: float) -> list[int]:
+    """methods.md: per class keep max(1, round(r * n_c))."""
+    return [max(1, round(ratio * n)) for n in np.bincount(labels)]
 
 
 @pytest.mark.parametrize(  # all criteria: test_selection; both groupby shuffles
     "criterion,shuffle",
     [("gaussian", "auto"), ("moderate", "sort"), ("gaussian", "hash")],
 )
-def test_stage_matches_pure_select(ray_cluster, tmp_path, criterion, shuffle):
-    store = RunStore(str(tmp_path / "run"))
-    _fake_embed(store)
-    overrides = [f"select.criterion={criterion}", "select.keep_ratio=0.3"]
+def test_stage_matches_pure_select(upstream, tmp_path, criterion, shuffle):
+    store = copy_run(upstream, tmp_path / "run", "embed")
+    overrides = [*UPSTREAM, f"select.criterion={criterion}", "select.keep_ratio=0.3"]
     cfg = load_config(None, [*overrides, f"select.shuffle={shuffle}"])
     manifest = run_stage("select", cfg, store)
     assert manifest["shuffle"] == (
         "hash_shuffle" if shuffle == "hash" else "sort_shuffle_pull_based"
     )
+    assert manifest["inputs"] == {"embed": upstream.manifest("embed")["output_id"]}
 
     scores = pads.dataset(store.path("select", "scores.parquet")).to_table().to_pandas()
     assert list(scores.columns) == SCORE_COLUMNS
-    assert len(scores) == 43 and scores["id"].is_unique
+    assert len(scores) == ROWS and scores["id"].is_unique
     assert (scores["criterion"] == criterion).all()
     assert (scores["group"] == scores["label"]).all() and not scores["duplicate"].any()
     assert manifest["grouping"]["mode"] == "labels" and manifest["dedup"] is None
@@ -59,11 +50,31 @@ def test_stage_matches_pure_select(ray_cluster, tmp_path, criterion, shuffle):
     assert set(scores.loc[scores["kept"], "id"]) == expected
 
     per_class = {c["label"]: c for c in manifest["per_class"]}
-    assert [per_class[c]["kept"] for c in (0, 1, 2)] == [9, 4, 1]
-    assert manifest["kept"] == 14 and manifest["rows"] == 43
-    assert "2" in manifest["degenerate"]  # the class of one is reported
+    want = _kept_per_class(labels, 0.3)
+    assert [per_class[c]["kept"] for c in range(10)] == want
+    assert manifest["kept"] == sum(want) and manifest["rows"] == ROWS
     png = Image.open(store.path("select", "examples.png"))
     assert png.size[0] > 200 and png.size[1] > 100
+
+
+def test_a_class_of_one_is_kept_and_reported(upstream, tmp_path):
+    """The real embeddings with class 2 cut to one member (same files' schema)."""
+    store = copy_run(upstream, tmp_path / "run", "embed")
+    folder = store.path("embed", EMBEDDINGS)
+    table = pads.dataset(folder, format="parquet").to_table()
+    twos = np.flatnonzero(table.column("label").to_numpy() == 2)
+    mask = np.ones(table.num_rows, dtype=bool)
+    mask[twos[1:]] = False
+    for part in RunStore(folder).list():
+        store.fs.delete_file(store.path("embed", EMBEDDINGS, part))
+    pq.write_table(table.filter(pa.array(mask)), store.path("embed", EMBEDDINGS, "part-0.parquet"))
+    cfg = load_config(None, [*UPSTREAM, "select.criterion=gaussian", "select.keep_ratio=0.3"])
+    manifest = run_stage("select", cfg, store)
+    per_class = {c["label"]: c for c in manifest["per_class"]}
+    assert per_class[2]["n"] == 1 and per_class[2]["kept"] == 1
+    assert manifest["rows"] == ROWS - len(twos) + 1
+    single = {k for k, notes in manifest["degenerate"].items() if "class of 1 member" in notes}
+    assert single == {"2"}  # the class of one is reported, and only it
 
 
 def test_select_needs_embed_first(ray_cluster, tmp_path):

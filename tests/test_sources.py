@@ -2,6 +2,7 @@
 
 import io
 import pickle
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -72,10 +73,24 @@ def test_image_folder_skips_and_counts_bad_files(ray_cluster, image_folder):
     assert "zero bytes" in skipped["dog/empty.png"]
 
 
-def test_image_folder_strict_names_the_bad_file(ray_cluster, image_folder):
+def test_image_folder_strict_names_the_first_bad_file(ray_cluster, image_folder):
+    """Three bad files (cat/notes.png, dog/empty.png, dog/truncated.png): strict mode names
+    the first in path order, however the reads are split into tasks."""
     cfg = DataConfig(source="image_folder", path=str(image_folder), image_size=8, strict=True)
-    with pytest.raises(Exception, match=r"bad image file .*(empty|truncated|notes)\.png"):
-        open_source(cfg).dataset.take_all()
+    first = f"bad image file {image_folder / 'cat' / 'notes.png'}: "
+    with pytest.raises(BadImage, match=re.escape(first) + r".*the first of 3 bad inputs"):
+        open_source(cfg)  # before anything reads the dataset
+
+
+def _cifar_batches(folder, rng) -> None:
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(x) for x in rng.integers(0, 10, 4)],
+            b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
+            b"filenames": [b"x.png"] * 4,
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 
 
 def test_flat_folder_is_unlabelled(ray_cluster, tmp_path):
@@ -90,14 +105,7 @@ def test_flat_folder_is_unlabelled(ray_cluster, tmp_path):
 
 def test_cifar10_batches(ray_cluster, tmp_path):
     rng = np.random.default_rng(1)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": [int(x) for x in rng.integers(0, 10, 4)],
-            b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
-            b"filenames": [b"x.png"] * 4,
-        }
-        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=2))
+    _cifar_batches(tmp_path, rng)
     names = [f"class{i}".encode() for i in range(10)]
     (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
     cfg = DataConfig(source="cifar10", path=str(tmp_path), image_size=32, mode="RGB")
@@ -110,6 +118,19 @@ def test_cifar10_batches(ray_cluster, tmp_path):
     assert rows["data_batch_1/00000"]["label"] == first[b"labels"][0]
     test = open_source(DataConfig(source="cifar10", path=str(tmp_path), split="test"))
     assert test.dataset.count() == 4
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_cifar_names_the_first_bad_batch(ray_cluster, tmp_path, strict):
+    """A bad batch file fails the source (its arrays cannot be skipped row by row), strict
+    or not, naming the first bad one in reading order (data_batch_1..5, test_batch)."""
+    _cifar_batches(tmp_path, np.random.default_rng(1))
+    good = (tmp_path / "data_batch_2").read_bytes()
+    (tmp_path / "data_batch_2").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "data_batch_4").write_bytes(b"not a pickle")
+    cfg = DataConfig(source="cifar10", path=str(tmp_path), strict=strict)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'data_batch_2'} is not a")):
+        open_source(cfg)
 
 
 def test_cifar_loader_refuses_code_in_pickles(ray_cluster, tmp_path):
@@ -153,6 +174,23 @@ def test_parquet_bytes_and_arrays(ray_cluster, tmp_path):
     rows = _rows(open_source(cfg))
     np.testing.assert_array_equal(rows["q"]["image"], arrays[1])
     assert rows["q"]["label"] == -1
+
+
+def test_parquet_strict_names_the_first_bad_row(ray_cluster, tmp_path):
+    """Bad rows 9 and 10 of a.parquet (row groups of 4) and row 0 of b.parquet: strict mode
+    names a.parquet:9, the first in file and row order (not a.parquet:10, first as text)."""
+    good = _png(Image.new("L", (6, 6), 50))
+    rows = [b"garbage" if i in (9, 10) else good for i in range(12)]
+    pq.write_table(pa.table({"image": rows}), tmp_path / "a.parquet", row_group_size=4)
+    pq.write_table(pa.table({"image": [b"", good]}), tmp_path / "b.parquet")
+    cfg = DataConfig(source="parquet", path=str(tmp_path), label_column=None, image_size=6)
+    assert [i for i, _ in open_source(cfg).skipped()] == []  # nothing read yet
+    lenient = open_source(cfg)
+    assert len(lenient.dataset.take_all()) == 11
+    assert [i for i, _ in lenient.skipped()] == ["a.parquet:9", "a.parquet:10", "b.parquet:0"]
+    strict = cfg.model_copy(update={"strict": True})
+    with pytest.raises(BadImage, match=r"bad image a\.parquet:9: .*the first of 3 bad inputs"):
+        open_source(strict)
 
 
 def test_parquet_missing_column_is_named(ray_cluster, tmp_path):

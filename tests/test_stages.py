@@ -9,6 +9,7 @@ cached manifest survive a change of that section.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 
@@ -78,7 +79,22 @@ def test_every_stage_reads_only_its_declared_sections(ray_cluster, tmp_path, mon
     cfg = RecordingConfig.model_validate(load_config(None, TINY_PIPELINE).model_dump())
     done = run_pipeline(cfg, RunStore(str(tmp_path / "run")))
     assert set(done) == set(read) == set(STAGES) - {"latents"}  # every enabled stage ran
-    assert done["evaluate"]["rows"] > 0 and done["tdc"]["rows"] == 2
+    assert done["tdc"]["rows"] == 2
+    # evaluate sampled the routed model: its export, its steps, its (pruned) sampling FLOPs
+    ev, tdc, store = done["evaluate"], done["tdc"], RunStore(str(tmp_path / "run"))
+    assert ev["inputs"] == {"train": done["train"]["output_id"], "tdc": tdc["output_id"]}
+    assert ev["rows"] == 2 * 10  # evaluate.samples_per_class x the digits' classes
+    metrics = store.read_json("evaluate", "metrics.json")
+    routed_info = store.read_json("tdc", "model", "dedt_model.json")
+    assert metrics["model_path"] == "tdc/model" and routed_info["tdc"] is True
+    assert metrics["model"]["steps"] == routed_info["steps"] > done["train"]["steps"]
+    assert metrics["model"]["flops"] == tdc["training_flops"]["total_flops"]
+    # evaluate counts the whole sampler (FlopCounterMode), tdc sums each group's batch-1
+    # forward: within a few % of each other, and well below the single model's count
+    sampling = tdc["sampling_flops"]
+    assert ev["flops_per_image"] == pytest.approx(sampling["routed_flops_per_image"], rel=0.03)
+    assert ev["flops_per_image"] < 0.9 * sampling["single_flops_per_image"]
+    assert math.isfinite(ev["value"]) and ev["value"] > 0
     for name, sections in read.items():
         undeclared = sections - {*STAGES[name].sections, *STAGES[name].extra_sections(cfg)}
         assert not undeclared, f"stage {name!r} reads undeclared config sections {undeclared}"

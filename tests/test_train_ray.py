@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from runs import ROWS, copy_run
 
 from dedt_ray.config import load_config
 from dedt_ray.diffusion.core import count_step_flops
@@ -22,7 +22,7 @@ from dedt_ray.store import RunStore
 
 SMALL = [
     "data.image_size=8",
-    "data.limit=120",
+    f"data.limit={ROWS}",  # the rows of the session's upstream runs
     "model.block_out_channels=[8,16]",
     "model.norm_num_groups=4",
     "model.attention_head_dim=4",
@@ -54,11 +54,11 @@ def local_run(ray_cluster, tmp_path_factory):
 
 def test_local_mode_trains_and_exports(local_run):
     cfg, store, manifest = local_run
-    assert manifest["rows"] == 120 and manifest["steps"] == 6
+    assert manifest["rows"] == ROWS and manifest["steps"] == 6
     assert manifest["images_seen"] == 6 * 8
     assert manifest["flops"] == 6 * manifest["flops_per_step"] > 0
     assert manifest["inputs"] == {} and manifest["resumed_at"] == []
-    assert "6 steps on 120 rows" in manifest["summary"]
+    assert f"6 steps on {ROWS} rows" in manifest["summary"]
     model = store.path("train", "model")
     unet = UNet2DModel.from_pretrained(model, subfolder="unet")
     assert unet.config.num_class_embeds == 11 and unet.config.sample_size == 8
@@ -90,51 +90,47 @@ def test_sample_cli_writes_grid_and_npz(local_run, tmp_path):
     assert main(["sample", "--model", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
-def _write_inputs(store: RunStore, kept: dict[str, int], weights: dict[str, float]) -> None:
-    ids = [f"digits/{i:05d}" for i in range(120)]
-    labels = [int(i % 10) for i in range(120)]  # not the true labels: the stage must not care
-    table = pa.table(
-        {
-            "id": ids,
-            "label": labels,
-            "criterion": ["random"] * 120,
-            "score": np.zeros(120),
-            "kept": [i in kept for i in ids],
-        }
-    )
-    store.fs.create_dir(store.path("select"), recursive=True)
-    pq.write_table(table, store.path("select", "scores.parquet"))
-    store.write_manifest("select", {"stage": "select", "output_id": "sel-1"})
-    store.write_json({"weights": weights, "steps": 5}, "reweight", "class_weights.json")
-    store.write_manifest("reweight", {"stage": "reweight", "output_id": "rw-1"})
-
-
 @pytest.mark.parametrize("weighting", ["sampling", "loss"])
-def test_trains_on_selected_rows_with_class_weights(ray_cluster, tmp_path, weighting):
-    store = RunStore(str(tmp_path / "run"))
-    kept = {f"digits/{i:05d}": 0 for i in range(0, 120, 3)}  # 40 rows
-    weights = {str(c): float(c + 1) for c in range(10)}
-    _write_inputs(store, kept, weights)
+def test_trains_on_selected_rows_with_class_weights(trained, tmp_path, weighting):
+    """On the real select and reweight outputs of the session's `trained` run."""
+    store = copy_run(trained, tmp_path / "run", "embed", "select", "reference", "reweight")
+    select, reweight = store.manifest("select"), store.manifest("reweight")
     _, _, manifest = train(tmp_path, f"train.class_weighting={weighting}", store=store)
-    assert manifest["rows"] == 40
-    assert sum(manifest["class_counts"]) == 40
-    assert manifest["inputs"] == {"select": "sel-1", "reweight": "rw-1"}
-    assert np.allclose(manifest["class_weights"], np.arange(1, 11) / 55)
+    assert manifest["rows"] == select["kept"] < ROWS
+    assert manifest["class_counts"] == [c["kept"] for c in select["per_class"]]
+    assert manifest["inputs"] == {"select": select["output_id"], "reweight": reweight["output_id"]}
+    assert not np.allclose(reweight["class_weights"], 0.1, atol=1e-4)  # not uniform
+    np.testing.assert_allclose(manifest["class_weights"], reweight["class_weights"])
     # a different selection is a different run: it must not resume the first one's checkpoints
     _, _, again = train(tmp_path / "b", f"train.class_weighting={weighting}")
-    assert again["rows"] == 120 and again["inputs"] == {}
+    assert again["rows"] == ROWS and again["inputs"] == {}
 
 
-def test_two_worker_ddp(ray_cluster, tmp_path):
+def test_two_worker_ddp_resumes_after_injected_failure(ray_cluster, tmp_path):
+    """One 2-worker DDP run whose rank 0 raises once at step 3: the group restarts from the
+    step-2 checkpoint and the run ends as an uninterrupted one would."""
+    flag = tmp_path / "fail.flag"
+    flag.write_text("x")
+    steps, every = 6, 2
     cfg, store, manifest = train(
-        tmp_path, "train.num_workers=2", "train.steps=4", "train.checkpoint_every=2"
+        tmp_path,
+        "train.num_workers=2",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        f"train.checkpoint_every={every}",
+        "train.max_failures=1",
+        "train.fail_at_step=3",
+        f"train.fail_flag={flag}",
     )
-    assert manifest["steps"] == 4 and manifest["images_seen"] == 32
-    # each worker materialised only its shard (streaming_split(equal=True) may drop 1 row)
-    assert len(manifest["shard_rows"]) == 2 and 119 <= sum(manifest["shard_rows"]) <= 120
-    assert max(manifest["shard_rows"]) <= 60
+    assert not flag.exists()  # the failure happened
+    assert manifest["steps"] == steps and manifest["resumed_at"] == [2]  # the last checkpoint
+    assert manifest["images_seen"] == steps * 8
     history = pq.read_table(store.path("train", "metrics.parquet")).to_pylist()
-    assert [h["step"] for h in history] == [2, 4]
+    assert [h["step"] for h in history] == list(range(1, steps + 1))  # each step once
+    assert history[-1]["images_seen"] == steps * 8
+    # each worker materialised only its shard (streaming_split(equal=True) may drop 1 row)
+    assert len(manifest["shard_rows"]) == 2 and ROWS - 1 <= sum(manifest["shard_rows"]) <= ROWS
+    assert max(manifest["shard_rows"]) <= ROWS // 2
     # FLOPs per step = 2 workers x forward+backward of a 4-row micro-batch
     torch.manual_seed(0)
     unet = build_unet(cfg.model, ModelSpec(8, 1, 10))
@@ -143,7 +139,8 @@ def test_two_worker_ddp(ray_cluster, tmp_path):
     )
     assert manifest["flops_per_step"] == 2 * micro
     ckpts = [n for n in store.list("train", "checkpoints") if n.startswith("checkpoint_0")]
-    assert ckpts == ["checkpoint_00000002", "checkpoint_00000004"]
+    written = [f"checkpoint_{s:08d}" for s in range(every, steps + 1, every)]
+    assert ckpts == written[-cfg.train.keep_checkpoints :]  # the newest ones are kept
     # the export holds the EMA weights of the last checkpoint, not the raw weights
     state = load_state(store.path("train", "checkpoints", ckpts[-1]))
     exported = UNet2DModel.from_pretrained(store.path("train", "model"), subfolder="unet")
@@ -152,26 +149,6 @@ def test_two_worker_ddp(ray_cluster, tmp_path):
         torch.equal(p, e) for p, e in zip(params, state["ema"]["shadow_params"], strict=True)
     )
     assert not all(torch.equal(p, state["model"][n]) for n, p in exported.named_parameters())
-
-
-def test_resume_after_injected_failure(ray_cluster, tmp_path):
-    flag = tmp_path / "fail.flag"
-    flag.write_text("x")
-    _, store, manifest = train(
-        tmp_path,
-        "train.num_workers=1",
-        "train.steps=8",
-        "train.log_every=1",
-        "train.checkpoint_every=3",
-        "train.max_failures=1",
-        "train.fail_at_step=5",
-        f"train.fail_flag={flag}",
-    )
-    assert not flag.exists()  # the failure happened
-    assert manifest["steps"] == 8 and manifest["resumed_at"] == [3]
-    history = pq.read_table(store.path("train", "metrics.parquet")).to_pylist()
-    assert [h["step"] for h in history] == list(range(1, 9))  # each step once, none redone
-    assert history[-1]["images_seen"] == 8 * 8
 
 
 @pytest.mark.slow
@@ -199,9 +176,9 @@ def test_latent_mode_round_trip(ray_cluster, tmp_path, tiny_vae):
     store = RunStore(str(tmp_path / "run"))
     overrides = ["model.latent=true", f"model.vae={vae_dir}", "model.vae_batch_size=32"]
     latents = run_stage("latents", config(*overrides), store)
-    assert latents["rows"] == 120 and latents["shape"] == [4, 4, 4]
+    assert latents["rows"] == ROWS and latents["shape"] == [4, 4, 4]
     table = pq.read_table(store.path("latents", "latents.parquet"))
-    assert table.num_rows == 120 and table.schema.field("latent").type.list_size == 64
+    assert table.num_rows == ROWS and table.schema.field("latent").type.list_size == 64
     _, _, manifest = train(tmp_path, *overrides, store=store)
     assert manifest["spec"]["latent"] and manifest["spec"]["channels"] == 4
     assert manifest["inputs"] == {"latents": latents["output_id"]}

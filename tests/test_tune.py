@@ -30,8 +30,9 @@ TINY = [
     "tune.num_samples=3",
     "tune.max_concurrent=1",
     "tune.asha.enabled=false",
-    "tune.trial_overrides=[train.steps=4,train.log_every=2,train.checkpoint_every=4]",
+    "tune.max_failures=1",
 ]
+TRIAL = "train.steps=4,train.log_every=2,train.checkpoint_every=2"
 
 
 def test_space_is_conditional_and_skips_missing_sections():
@@ -67,28 +68,62 @@ def test_pareto_front():
     assert pareto_front(pts) == [0, 1, 3]
 
 
+def trial_reports(steps: int, log_every: int, checkpoint_every: int) -> int:
+    """Results a trial sends Tune: one per train report (a step that logs or checkpoints,
+    and the last step: dedt_ray/diffusion/worker.py), then one with the objectives."""
+    train = [s for s in range(1, steps + 1) if not s % log_every or not s % checkpoint_every]
+    return len(set(train) | {steps}) + 1
+
+
+@pytest.mark.parametrize(
+    "trial,epochs",
+    [
+        ("train.steps=4,train.log_every=10", None),  # one train report: the last step
+        ("train.steps=4,train.log_every=10", 2),  # 2 epochs of 1797 rows: 113 steps
+        ("train.steps=12,train.log_every=2,train.checkpoint_every=3", None),  # both kinds
+        ("train.steps=7,train.log_every=2,train.checkpoint_every=3", None),
+    ],
+)
+def test_asha_horizon_covers_every_report_of_a_trial(trial, epochs):
+    """ASHA stops a trial at result number max_t: every train report must come before it,
+    so the objectives' report arrives (max_t >= reports); one spare report at most."""
+    over = ["train.batch_size=32", f"tune.trial_overrides=[{trial}]"]
+    cfg = load_config(None, [*over, *([f"tune.epochs={epochs}"] if epochs else [])])
+    tc = load_config(None, trial.split(",")).train
+    steps = epoch_steps(1797, epochs, 32) if epochs else tc.steps
+    reports = trial_reports(steps, tc.log_every, tc.checkpoint_every)
+    assert reports <= max_reports(cfg, 1797) <= reports + 1
+
+
 def test_epoch_budget_follows_the_rows():
     assert epoch_steps(1797, 2, 32) == 113 and epoch_steps(180, 2, 32) == 12
     assert epoch_steps(10, 2, 32, min_steps=10) == 10
-    over = ["train.batch_size=32", "tune.trial_overrides=[train.steps=4,train.log_every=10]"]
-    assert max_reports(load_config(None, over), 1797) == 3  # train.steps=4: one report + 2
-    budget = load_config(None, [*over, "tune.epochs=2"])
-    assert max_reports(budget, 1797) == 12 + 2  # 113 steps, a report every 10
 
 
 @pytest.mark.slow
 def test_sweep_interrupted_and_restored(ray_cluster, tmp_path):
+    """Three trials, one at a time; the first one's training raises once at step 3 (after
+    the checkpoint of step 2) and Tune retries it; the sweep is interrupted after the first
+    trial completes, then restored."""
     run = str(tmp_path / "run")
-    cfg = load_config(None, TINY)
+    flag = tmp_path / "fail.flag"
+    flag.write_text("x")
+    crash = f"train.fail_at_step=3,train.fail_flag={flag}"
+    cfg = load_config(None, [*TINY, f"tune.trial_overrides=[{TRIAL},{crash}]"])
     first = run_sweep(cfg, run, interrupt_after=1)
     store = RunStore(run)
     embed = store.manifest("embed")
     assert first["evaluated"] >= 1 and first["evaluated"] < 3
+    assert not flag.exists()  # the first trial raised (it removes the flag first)
+    trials = store.list("tune", "trials")
+    retried = RunStore(store.path("tune", "trials", trials[0])).manifest("train")
+    assert retried["resumed_at"] == [2] and retried["steps"] == 4  # the retry resumed
     finished = {r["trial_id"] for r in first["rows"] if r["status"] == "done"}
     started = {t: evaluate_started(store, t) for t in finished}
 
     out = run_sweep(cfg, run)  # resumes the same experiment
     assert out["evaluated"] == 3 and out["trials"] == 3
+    assert [r["status"] for r in out["rows"]] == ["done"] * 3
     assert {r["trial_id"] for r in out["rows"]} >= finished
     # finished trials were not rerun: their evaluate manifests are untouched
     assert {t: evaluate_started(store, t) for t in finished} == started

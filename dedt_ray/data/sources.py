@@ -1,7 +1,9 @@
 """Image sources -> one Ray Dataset schema: `id` (str), `label` (int64, -1 unlabelled),
 `image` (uint8 HxWxC at the configured size and mode).
 
-Bad files are skipped and recorded in a `SkipLog` actor (or fail the run when strict).
+Bad files are skipped and recorded in a `SkipLog` actor. With `data.strict` a file source is
+read once first and fails naming the first bad input in input order (sorted paths; rows in
+file order), the same one however Ray splits the reads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.data
 
+from dedt_ray.artifacts import refuse_pickled_columns
 from dedt_ray.config import DataConfig
 from dedt_ray.data.images import IMAGE_EXTENSIONS, BadImage, conform_array, decode
 
@@ -26,16 +29,17 @@ ITEMS_PER_BLOCK = 256
 
 @ray.remote(num_cpus=0)
 class SkipLog:
-    """Collects (id, reason) of skipped inputs from every decode task."""
+    """Collects (order, id, reason) of skipped inputs from every decode task."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
+        self.items: list[tuple[Any, str, str]] = []
 
-    def add(self, items: list[tuple[str, str]]) -> None:
+    def add(self, items: list[tuple[Any, str, str]]) -> None:
         self.items.extend(items)
 
     def get(self) -> list[tuple[str, str]]:
-        return sorted(self.items)
+        """(id, reason) in input order (`order`: the relative path, or (file, group, row))."""
+        return [(rid, reason) for _, rid, reason in sorted(self.items)]
 
 
 @dataclass
@@ -53,7 +57,15 @@ class Source:
 
 
 def open_source(cfg: DataConfig) -> Source:
-    """Build the lazy Ray Dataset for `cfg.source`. Fails early on a missing path."""
+    """Build the lazy Ray Dataset for `cfg.source`. Fails early on a missing path; with
+    `data.strict`, on the first bad input of a file source."""
+    source = _open(cfg)
+    if cfg.strict and source.skip_log is not None:
+        _check_strict(cfg)
+    return source
+
+
+def _open(cfg: DataConfig) -> Source:
     readers = {
         "digits": _digits,
         "image_folder": _image_folder,
@@ -64,6 +76,25 @@ def open_source(cfg: DataConfig) -> Source:
     if cfg.limit is not None:
         source.dataset = source.dataset.limit(cfg.limit)
     return source
+
+
+def _row_count(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"n": np.array([len(batch["id"])])}
+
+
+def _check_strict(cfg: DataConfig) -> None:
+    """Read every input once, skipping and logging bad ones; raise naming the first."""
+    probe = _open(cfg.model_copy(update={"strict": False}))
+    probe.dataset.map_batches(_row_count, batch_format="numpy").sum("n")
+    bad = probe.skipped()
+    if bad:
+        rid, reason = bad[0]
+        folder = cfg.path if "://" in cfg.path else posixpath.abspath(cfg.path)
+        what = f"file {posixpath.join(folder, rid)}" if cfg.source == "image_folder" else rid
+        raise BadImage(
+            f"bad image {what}: {reason} (data.strict is true; the first of {len(bad)} bad "
+            f"inputs in input order)"
+        )
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -186,7 +217,7 @@ def _decode_files(
         except BadImage as exc:
             if strict:
                 raise BadImage(f"bad image file {path}: {exc} (data.strict is true)") from None
-            bad.append((rel, str(exc)))
+            bad.append((rel, rel, str(exc)))
             continue
         ids.append(rel)
         labels.append(class_index[rel.split("/", 1)[0]] if class_index else -1)
@@ -246,6 +277,7 @@ def _parquet_rows(
     ids, labels, images, bad = [], [], [], []
     for path, group in zip(batch["path"], batch["row_group"], strict=True):
         pf = pads.ParquetFileFormat().make_fragment(path, filesystem=fs)
+        refuse_pickled_columns(pf.physical_schema, path)  # each file: schemas may differ
         cols = [
             c for c in (cfg.image_column, cfg.label_column, "id") if c in pf.physical_schema.names
         ]
@@ -270,7 +302,7 @@ def _parquet_rows(
             except (BadImage, ValueError, TypeError) as exc:
                 if cfg.strict:
                     raise BadImage(f"bad image {rid}: {exc} (data.strict is true)") from None
-                bad.append((rid, str(exc)))
+                bad.append(((path, int(group), i), rid, str(exc)))
                 continue
             ids.append(rid)
             labels.append(int(col_labels[i]) if col_labels and col_labels[i] is not None else -1)
@@ -293,6 +325,7 @@ def _parquet(cfg: DataConfig) -> Source:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data.path: {root} does not exist")
     dataset = pads.dataset(root, filesystem=fs, format="parquet")
+    refuse_pickled_columns(dataset.schema, f"data.path: {root}")
     names = dataset.schema.names
     if cfg.image_column not in names:
         raise ValueError(

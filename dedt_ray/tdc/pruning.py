@@ -663,4 +663,7 @@ class PrunedModel:
     path: str
 
     def build(self, model_cfg: Any, spec: Any) -> UNet2DModel:
-        return load_pruned(self.path)
+        from dedt_ray.store import local_folder
+
+        with local_folder(self.path) as folder:  # a URI on an object-store run directory
+            return load_pruned(folder)

@@ -20,17 +20,21 @@ fine-tunes each group's pruned model on its timesteps only (stage 2: the trainer
 The pruning decisions run in the driver, one group after another. Each stage-2 fine-tune is
 its own Ray Train run (DDP over ``train.num_workers``); ``tdc.parallel_groups`` of them run at
 once (default: as many as the free CPUs / GPUs hold; one at a time with
-``train.num_workers=0``). The run directory must be local (the pruned folders are local paths).
+``train.num_workers=0``). On an object-store run directory the local files (the train stage's
+export, the Optuna studies, the pruned and routed models) go through temporary folders
+(``RunStore.fetched`` / ``staged``); stage-2 workers read the pruned models by URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -73,16 +77,22 @@ def score_batch(rows: Any, n: int, seed: int, pixels: bool, conditional: bool) -
     return Batch(images.contiguous(), labels)
 
 
-def proxy_bank(cfg: Config, store: RunStore, g: int, depends_on: dict[str, Any]) -> str:
+@contextlib.contextmanager
+def proxy_bank(cfg: Config, store: RunStore, g: int, depends_on: dict[str, Any]) -> Iterator[str]:
     """Group ``g``'s memory bank, ``<run>/_tdc_proxy/g<g>-<key>.db`` with ``key`` the hash of
-    ``depends_on``; deleted first when ``tdc.resume_search`` is false."""
+    ``depends_on``, as a local SQLite path (a copy, uploaded after the block, on an object
+    store); started afresh when ``tdc.resume_search`` is false."""
     from dedt_ray.config import hash_json
 
-    path = store.local_path(BANK, f"g{g}-{hash_json(depends_on)[:16]}.db")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not cfg.tdc.resume_search and os.path.exists(path):
-        os.remove(path)
-    return path
+    name = f"g{g}-{hash_json(depends_on)[:16]}.db"
+    with store.staged(BANK) as folder:
+        path = os.path.join(folder, name)
+        if not cfg.tdc.resume_search and os.path.exists(path):
+            os.remove(path)
+        elif cfg.tdc.resume_search and not store.is_local and store.exists(BANK, name):
+            with open(path, "wb") as f:
+                f.write(store.read_bytes(BANK, name))
+        yield path
 
 
 def make_proxy(cfg: Config, pruner: Any, group: dict[str, Any], budget: float, db: str) -> Any:
@@ -155,9 +165,14 @@ def plan_stage2(
     return fits, "budget"
 
 
-def pruned_dir(store: RunStore, g: int) -> str:
+def pruned_parts(g: int) -> tuple[str, ...]:
     """Where group `g`'s chosen pruned model is saved before stage 2."""
-    return store.local_path(OUT, "pruned", f"group_{g:02d}")
+    return (OUT, "pruned", f"group_{g:02d}")
+
+
+def pruned_dir(store: RunStore, g: int) -> str:
+    """Group `g`'s pruned model as a path or URI any node reads (``PrunedModel``'s path)."""
+    return store.uri(store.path(*pruned_parts(g)))
 
 
 def stage2_parallelism(cfg: Config, n_groups: int) -> int:
@@ -205,7 +220,8 @@ def plan(cfg: Config, store: RunStore) -> Plan:
     from dedt_ray.tdc.grouping import describe_groups, group_timesteps
 
     tc = cfg.tdc
-    base, noise_scheduler, vae, info = load_export(store.local_path(*BASE))
+    with store.fetched(*BASE) as folder:
+        base, noise_scheduler, vae, info = load_export(folder)
     base.requires_grad_(True)
     spec_dict = store.read_json("train", "run.json")["spec"]
     spec = ModelSpec(**{k: v for k, v in spec_dict.items() if k != "null_class"})
@@ -270,10 +286,6 @@ def search_group(
         "lr": cfg.train.lr, "search": [sd.n_taylor, sd.n_tune, sd.n_held, tc.taylor_timesteps,
                                        tc.taylor_threshold, tc.score_steps],
     }  # fmt: skip
-    proxy = make_proxy(
-        cfg, pruner, p.described[g], p.budgets[g], proxy_bank(cfg, store, g, depends_on)
-    )
-    reused = min(len(proxy.memory_bank()), tc.rounds)
 
     def score(model: torch.nn.Module) -> float:
         return denoising_score(
@@ -281,9 +293,13 @@ def search_group(
             tc.score_steps, cfg.train.lr * 0.1, cfg.seed, sd.heldout, SCORE_BATCH,
         )  # fmt: skip
 
-    ratios, pruned, history = decide_group(
-        p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner, seed=cfg.seed
-    )
+    with proxy_bank(cfg, store, g, depends_on) as db:
+        proxy = make_proxy(cfg, pruner, p.described[g], p.budgets[g], db)
+        reused = min(len(proxy.memory_bank()), tc.rounds)
+        ratios, pruned, history = decide_group(
+            p.base, (lo, hi), p.budgets[g], proxy, tc.rounds, score, pruner=pruner,
+            seed=cfg.seed,
+        )  # fmt: skip
     search = search_flops(
         p.base_fwd, pruner.taylor_pairs, [r.flops for r in history], tc.score_steps,
         min(SCORE_BATCH, sd.n_tune), sd.n_held,
@@ -306,7 +322,8 @@ def decide(
     else:
         ratios, pruned, history, search, pairs, reused = search_group(cfg, store, ctx, p, g, sd)
         best = min(r.score for r in history if r.score is not None)
-    save_pruned(pruned, pruned_dir(store, g))
+    with store.staged(*pruned_parts(g)) as folder:
+        save_pruned(pruned, folder)
     pruned_fwd = model_flops(pruned)
     log.info(
         "tdc: group %d [%d, %d): %d rounds (%d from the memory bank), best score %s at "
@@ -414,9 +431,9 @@ def export_routed(
         "steps": p.info.get("steps", 0) + steps,
         "flops": flops,
     }
-    dest = store.local_path(*model_dir(OUT))
-    save_export(dest, routed, p.noise_scheduler, info, p.vae)
-    return dest
+    with store.staged(*model_dir(OUT)) as folder:
+        save_export(folder, routed, p.noise_scheduler, info, p.vae)
+    return store.path(*model_dir(OUT))
 
 
 def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
