@@ -38,6 +38,7 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     sub.add_parser("run", parents=[common], help="run every enabled stage in DAG order")
     sub.add_parser("tune", parents=[common], help="Ray Tune + Optuna sweep (docs/tune.md)")
+    sub.add_parser("study", parents=[common], help="time to quality over settings x seeds")
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
     add_sample_parser(sub)
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
     try:
         cfg = load_config(base_config(args.config, args.run_dir), args.overrides)
         check_inputs(cfg)
+        if args.command == "study":
+            from dedt_ray.study import resolve_settings
+
+            resolve_settings(cfg)  # every setting's keys, before any trial starts
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +136,10 @@ def main(argv: list[str] | None = None, prog: str = "dedt-ray") -> int:
         from dedt_ray.tune import main as tune_main
 
         return tune_main(cfg, args.run_dir or default_run_dir(args.config))
+    if args.command == "study":
+        from dedt_ray.study import main as study_main
+
+        return study_main(cfg, args.run_dir or default_run_dir(args.config))
     from dedt_ray.pipeline import run_pipeline
     from dedt_ray.store import RunStore
 
