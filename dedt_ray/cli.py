@@ -78,6 +78,7 @@ def build_parser(prog: str = "dedt-ray") -> argparse.ArgumentParser:
     sub.add_parser(
         "config", parents=[common], help="print the resolved config (file + overrides) and exit"
     )
+    sub.add_parser("study", parents=[common], help="time to quality over settings x seeds")
     for name in _stage_names():
         sub.add_parser(name, parents=[common], help=f"run the {name} stage")
     from dedt_ray.evaluate import fid_cli
@@ -231,6 +232,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         check_inputs(cfg, ["embed"])
         return tune_main(cfg, run_dir)
+    if args.command == "study":
+        from dedt_ray.preflight import check_inputs
+        from dedt_ray.study import main as study_main
+        from dedt_ray.study import resolve_settings
+
+        check_inputs(cfg, ["embed"])
+        resolve_settings(cfg)  # every setting's keys, before any trial starts
+        return study_main(cfg, run_dir)
     return run_main(args, cfg, run_dir)
 
 

@@ -412,6 +412,57 @@ class TuneConfig(Section):
     min_steps: int = Field(10, ge=1)
 
 
+SETTING_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
+
+
+class StudySetting(Section):
+    """One named override set of a study (`study.settings`; docs/study.md)."""
+
+    name: str = Field(pattern=SETTING_NAME)
+    overrides: dict[str, Any] = {}  # dotted config keys -> values, as on the command line
+    max_compute: float | None = Field(None, gt=0.0)  # None: study.max_compute
+
+
+class StudyBest(Section):
+    """A second phase: the best static setting (by speed-up) again with `overrides`."""
+
+    name: str = Field("best+dro", pattern=SETTING_NAME)
+    overrides: dict[str, Any] = {"reweight.enabled": True}
+    among: list[str] | None = None  # the settings to choose from; None: all but the baseline
+
+
+class StudyConfig(Section):
+    """`dedt-ray study`: settings x seeds, each a Ray Tune trial; see docs/study.md."""
+
+    settings: list[StudySetting] = []
+    # the full-data, unweighted reference every speed-up is measured against; when no setting
+    # has this name it is added (select.enabled=false, reweight.enabled=false)
+    baseline: str = Field("full", pattern=SETTING_NAME)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    # every other setting trains up to this share of the baseline's compute (images seen)
+    max_compute: float = Field(0.6, gt=0.0, le=10.0)
+    tolerance: float = Field(0.05, ge=0.0)  # target = baseline final metric x (1 + tolerance)
+    best: StudyBest | None = None
+    max_concurrent: int | None = Field(None, ge=1)  # None: what the cluster holds (as tune)
+    max_failures: int = Field(1, ge=-1)  # retries of a crashed trial
+    bootstrap_draws: int = Field(2000, ge=10)
+    level: float = Field(0.95, gt=0.0, lt=1.0)  # the intervals' coverage
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        names = [s.name for s in self.settings] + ([self.best.name] if self.best else [])
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"study.settings: names must be unique, {', '.join(repeated)} repeats")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds must be distinct, got {self.seeds}")
+        known = {s.name for s in self.settings}
+        unknown = sorted(set(self.best.among or []) - known) if self.best else []
+        if unknown:
+            raise ValueError(f"study.best.among: no setting named {', '.join(unknown)}")
+        return self
+
+
 class ReportConfig(Section):
     """The run's report.html."""
 
@@ -432,6 +483,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tdc: TDCConfig = TDCConfig()
     tune: TuneConfig = TuneConfig()
+    study: StudyConfig = StudyConfig()
     report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")

@@ -59,6 +59,18 @@ class _Encode:
         return embedding_table(batch["id"], batch["label"], self.encoder(batch["image"]))
 
 
+def encoder_flops(emb: EmbedConfig, in_channels: int, image_size: int, seed: int) -> int:
+    """FLOPs per image of the encoder (a Ray task: pretrained weights load where encoders
+    run), recorded so a study counts the selection's compute."""
+
+    def count() -> int:
+        encoder = build_encoder(emb.encoder, emb.model, emb.dim, in_channels, image_size,
+                                seed=seed)  # fmt: skip
+        return encoder.flops_per_image()
+
+    return int(ray.get(ray.remote(count).options(num_cpus=0).remote()))
+
+
 def read_embeddings(store: RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, embeddings float32 [N, D]) from a completed embed stage."""
     table = pads.dataset(store.uri(store.path(*EMBEDDINGS_PATH)), format="parquet").to_table()
@@ -138,9 +150,12 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         raise NoImagesError(no_images_message(data.path or data.source, skipped))
     dim = written.schema.field("embedding").type.list_size
     store.write_json({"classes": source.classes}, *CLASSES)
+    per_image = encoder_flops(emb, in_channels, data.image_size, cfg.seed)
     summary = f"{rows} images embedded with {emb.encoder} (dim {dim}), {len(skipped)} skipped"
     return {
         "rows": rows,
+        "encoder_flops_per_image": per_image,
+        "flops": per_image * rows,  # the selection's compute (the encoder's forward passes)
         "skipped": len(skipped),
         "skipped_examples": [{"id": i, "reason": r} for i, r in skipped[:20]],
         "dim": dim,

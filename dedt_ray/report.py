@@ -5,7 +5,8 @@
 selection picture, class weights, training curves, samples, metrics, per-class metrics,
 compute per stage with the saving against all the data for the same epochs (an estimate), and
 versus a full-data baseline run when `report.baseline_run` is set, the sweep (`<run>/tune/`:
-results table, Pareto plot, best config, when `dedt-ray tune` ran there), the resolved config.
+results table, Pareto plot, best config, when `dedt-ray tune` ran there), the study
+(`<run>/study/`: curves, speed-up table, when `dedt-ray study` ran there), the resolved config.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class RunArtifacts:
     tune_rows: list[dict[str, Any]] = field(default_factory=list)  # tune/results.parquet
     tune_png: bytes | None = None
     tune_best_yaml: str | None = None
+    study: dict[str, Any] | None = None  # study/summary.json (`dedt-ray study`)
+    study_png: bytes | None = None
 
 
 @dataclass
@@ -109,6 +112,9 @@ def read_run(store: RunStore, skip: tuple[str, ...] = ("report",)) -> RunArtifac
         art.tune_png = _maybe_bytes(store, "tune", "pareto.png")
         best = _maybe_bytes(store, "tune", "best.yaml")
         art.tune_best_yaml = best.decode() if best is not None else None
+    if store.exists("study", "summary.json"):
+        art.study = store.read_json("study", "summary.json")
+        art.study_png = _maybe_bytes(store, "study", "curves.png")
     return art
 
 
@@ -508,6 +514,37 @@ def tune_section(run: RunArtifacts) -> str:
     return _section("tune", "Sweep (dedt-ray tune)", body)
 
 
+def study_section(run: RunArtifacts) -> str:
+    """`dedt-ray study` (`<run>/study/`): the curves, the speed-up table, target and noise."""
+    summary = run.study
+    if not summary:
+        return ""
+    from dedt_ray.evaluate.curves import SUMMARY_HEADER, summary_rows
+
+    floor = summary.get("noise_floor")
+    best = summary.get("best") or {}
+    body = (
+        f"<p>Target: {_e(summary['metric'])} &le; {_e(fmt(summary['target']))}, the baseline "
+        f"{_e(summary['baseline'])}'s final value (mean over seeds, "
+        f"{_e(fmt(summary['baseline_final']))}) x {_e(fmt(1 + summary['tolerance']))}. "
+        f"Noise floor (real vs real at the curve's sample count): {_e(fmt(floor))}. Compute: "
+        "training FLOPs including selection (encoder), reference and proxy compute. Speed-up: "
+        "the baseline's mean compute to target over the setting's, with a bootstrap "
+        f"{_e(fmt(summary.get('level')))} interval over seeds; 0 when a seed never reached "
+        "it.</p>"
+    )
+    if best:
+        body += f"<p>{_e(best['name'])} is {_e(best['from'])} (chosen by {_e(best['by'])}).</p>"
+    if run.study_png:
+        body += _img(run.study_png, "metric against training FLOPs per setting, seeds shaded")
+    body += _table("study", SUMMARY_HEADER, summary_rows(summary))
+    failed = [(n, seed, err) for n, s in summary["settings"].items()
+              for seed, err in (s.get("failed") or {}).items()]  # fmt: skip
+    for name, seed, err in failed:
+        body += f'<p class="note">{_e(name)} seed {_e(seed)} failed: {_e(err)}</p>'
+    return _section("study", "Study (dedt-ray study)", body)
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
        padding: 0 1em; }
@@ -541,6 +578,7 @@ def render(report: Report) -> str:
         per_class_section(run),
         compute_section(report),
         tune_section(run),
+        study_section(run),
         _section("config", "Config", f"<pre>{_e(report.config_yaml)}</pre>"),
     ]
     body = "\n".join(s for s in sections if s)

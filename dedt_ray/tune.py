@@ -39,7 +39,8 @@ log = logging.getLogger("dedt_ray")
 SWEEP = "sweep"
 COMPUTE = "train_flops"  # the second objective (minimised) in multi-objective mode
 ASHA_METRIC = "loss"  # the training loss the train loop reports at train.log_every
-SHARED = ("embed", "classifier")  # base-run folders each trial reuses
+SHARED = ("embed", "classifier", "curve")  # base-run folders each trial reuses
+MADE_IN_TRIALS = ("classifier", "curve")  # the first trial to make one hands it to the base
 NOT_IN_TRIALS = ("embed", "report")
 
 
@@ -135,7 +136,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- one trial ---------------------------------------------------------------------------
-def _copy_shared(base: RunStore, trial: RunStore) -> None:
+def copy_shared(base: RunStore, trial: RunStore) -> None:
+    """The base run's embedding, classifier and real-feature cache into a trial's folder."""
     for folder in SHARED:
         if base.exists(folder) and not trial.exists(folder):
             _copy_shared_folder(base, trial, folder)
@@ -155,23 +157,16 @@ class ForwardReports(UserCallback):
 def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: Any) -> dict:
     """The pipeline after embed in the trial's run directory (a Ray task outside the trial's
     placement group, so stages schedule their own tasks, actors and trainers)."""
-    from dedt_ray.pipeline import STAGES, run_pipeline
-
     base = RunStore(ctx["run_dir"])
     store = RunStore(posixpath.join(ctx["run_dir"], "tune", "trials", trial_id))
-    _copy_shared(base, store)
+    copy_shared(base, store)
     space = {k: TuneParam.model_validate(v) for k, v in ctx["space"].items()}
     cfg = trial_config(ctx["base"], ctx["fixed"], params, space)
     if cfg.tune.epochs:  # the budget follows the rows the trial trains on
-        steps = epoch_steps(_train_rows(cfg, store), cfg.tune.epochs, cfg.train.batch_size,
+        steps = epoch_steps(train_rows(cfg, store), cfg.tune.epochs, cfg.train.batch_size,
                             cfg.tune.min_steps)  # fmt: skip
         cfg = trial_config(ctx["base"], [*ctx["fixed"], f"train.steps={steps}"], params, space)
-    stages = [s for s in STAGES if s not in NOT_IN_TRIALS]
-    done = run_pipeline(cfg, store, only=stages, train_callbacks=[ForwardReports(queue)])
-    if store.manifest("embed")["output_id"] != base.manifest("embed")["output_id"]:
-        raise RuntimeError("the trial did not reuse the base run's embeddings")
-    if store.exists("classifier") and not base.exists("classifier"):
-        _copy_shared_folder(store, base, "classifier")  # serves the following trials
+    done = pipeline_in_trial(base, store, cfg, queue)
     evaluate = store.read_json("evaluate", "metrics.json")
     key = evaluate["metric"] if cfg.tune.metric == "quality" else cfg.tune.metric
     quality = evaluate["metrics"].get(key)
@@ -188,12 +183,29 @@ def run_trial_pipeline(ctx: dict[str, Any], params: dict, trial_id: str, queue: 
     }
 
 
+def pipeline_in_trial(base: RunStore, store: RunStore, cfg: Config, queue: Any) -> dict:
+    """Every stage after embed in the trial's run directory `store`, reusing the base run's
+    embedding, classifier and real-feature cache (copied in first, when not yet there); the
+    train stage's reports go to `queue`. Returns the stages' manifests."""
+    from dedt_ray.pipeline import STAGES, run_pipeline
+
+    copy_shared(base, store)
+    stages = [s for s in STAGES if s not in NOT_IN_TRIALS]
+    done = run_pipeline(cfg, store, only=stages, train_callbacks=[ForwardReports(queue)])
+    if store.manifest("embed")["output_id"] != base.manifest("embed")["output_id"]:
+        raise RuntimeError("the trial did not reuse the base run's embeddings")
+    for folder in MADE_IN_TRIALS:
+        if store.exists(folder) and not base.exists(folder):
+            _copy_shared_folder(store, base, folder)  # serves the following trials
+    return done
+
+
 def epoch_steps(n_rows: int, epochs: float, batch: int, min_steps: int = 1) -> int:
     """The epoch budget: equal passes over the rows trained on, at least `min_steps`."""
     return max(min_steps, math.ceil(epochs * n_rows / batch))
 
 
-def _train_rows(cfg: Config, store: RunStore) -> int:
+def train_rows(cfg: Config, store: RunStore) -> int:
     """Rows the trial trains on: the selection's kept rows (running select), else all rows."""
     from dedt_ray.pipeline import run_stage
 
@@ -203,21 +215,25 @@ def _train_rows(cfg: Config, store: RunStore) -> int:
 
 
 def _copy_shared_folder(src: RunStore, dst: RunStore, folder: str) -> None:
+    dst.fs.create_dir(dst.path(folder), recursive=True)  # copy_files makes only sub-folders
     pafs.copy_files(
         src.path(folder), dst.path(folder), source_filesystem=src.fs, destination_filesystem=dst.fs
     )
 
 
-def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """Tune function trainable: runs the trial's pipeline as a task and reports to Tune —
-    the train loss at each train report (ASHA's signal), then the objectives."""
+def run_trial(
+    params: dict[str, Any], ctx: dict[str, Any], pipeline: Any = run_trial_pipeline
+) -> None:
+    """Tune function trainable: runs the trial's `pipeline(ctx, params, trial_id, queue)` as a
+    task and reports to Tune — the train loss at each train report (ASHA's signal), then
+    what the pipeline returns (the objectives)."""
     import ray
     import ray.tune
     from ray.util.queue import Empty, Queue
 
     trial_id = ray.tune.get_context().get_trial_id()
     queue = Queue(actor_options={"num_cpus": 0})
-    task = ray.remote(run_trial_pipeline).options(num_cpus=0, scheduling_strategy="DEFAULT")
+    task = ray.remote(pipeline).options(num_cpus=0, scheduling_strategy="DEFAULT")
     ref = task.remote(ctx, params, trial_id, queue)
     try:
         while True:

@@ -11,11 +11,14 @@ from scipy import stats
 
 from dedt_ray.config import ConfigError, load_config
 from dedt_ray.evaluate.curves import (
+    SeedRun,
     bootstrap_speedup,
     compute_to_target,
     convergence,
     mean_interval,
     noise,
+    summarize_study,
+    value_at,
 )
 from dedt_ray.pipeline import run_stage
 from dedt_ray.smoke import SMOKE_MODEL
@@ -64,6 +67,51 @@ def test_bootstrap_speedup() -> None:
     point, lo, hi = bootstrap_speedup([10.0, 10.0], [5.0, None])  # one seed never reached it
     assert point == 0.0 and lo == 0.0 and hi == 2.0
     assert bootstrap_speedup([None], [5.0])[0] == math.inf
+
+
+def test_value_at_interpolates_in_log_compute() -> None:
+    assert value_at([1e2, 1e4], [8.0, 4.0], 1e3) == pytest.approx(6.0)  # halfway in log
+    assert value_at([1e2, 1e4], [8.0, 4.0], 1e2) == 8.0
+    assert value_at([1e2, 1e4], [8.0, 4.0], 1e5) is None  # beyond the run
+    assert value_at([1e2, 1e4], [8.0, 4.0], 10.0) is None
+
+
+def _run(flops: list[float], values: list[float], rows: int, batch: int = 10) -> SeedRun:
+    """A hand-made run: one point per compute, images seen = compute / 1e3 (flops per image)."""
+    points = [{"train_flops": c, "images_seen": c / 1e3, "m": v, "m_half_a": v - 0.1,
+               "m_half_b": v + 0.1} for c, v in zip(flops, values, strict=True)]  # fmt: skip
+    return SeedRun(points, rows, evaluated=values[-1] * 0.9, images_seen=int(flops[-1] / 1e3))
+
+
+def test_study_summary_on_hand_made_curves() -> None:
+    base = {0: _run([1e6, 1e7, 1e8], [8.0, 3.0, 2.0], 100),
+            1: _run([1e6, 1e7, 1e8], [8.0, 4.0, 2.0], 100)}  # fmt: skip
+    fast = {0: _run([1e5, 1e6, 1e7], [6.0, 2.1, 1.5], 30),
+            1: _run([1e5, 1e6, 1e7], [6.0, 2.1, 1.8], 30)}  # fmt: skip
+    slow = {0: _run([1e6, 1e7], [9.0, 5.0], 30)}  # never reaches the target
+    out = summarize_study({"full": base, "fast": fast, "slow": slow}, "full", "m", 0.05,
+                          draws=200)  # fmt: skip
+    assert out["baseline_final"] == 2.0 and out["target"] == pytest.approx(2.1)
+    # each baseline seed crosses 2.1 between 1e7 and 1e8 (log-linear); fast reaches it at 1e6
+    b0 = 10 ** (7 + (3.0 - 2.1) / (3.0 - 2.0))
+    b1 = 10 ** (7 + (4.0 - 2.1) / (4.0 - 2.0))
+    row = out["settings"]["fast"]
+    assert row["compute_to_target"] == {"0": pytest.approx(1e6), "1": pytest.approx(1e6)}
+    assert row["speedup"]["point"] == pytest.approx((b0 + b1) / 2 / 1e6)
+    assert row["speedup"]["low"] <= row["speedup"]["point"] <= row["speedup"]["high"]
+    assert out["settings"]["full"]["speedup"]["point"] == pytest.approx(1.0)
+    assert row["final"]["mean"] == pytest.approx(1.65) and row["final"]["low"] < 1.65
+    assert row["evaluated"]["mean"] == pytest.approx(1.65 * 0.9)
+    # the baseline's epochs: 1e5 images over 100 rows = 1000; fast at 30 rows: 3e4 images,
+    # 3e7 FLOPs, beyond its last point (1e7): the equal-epochs point is not on its curve
+    assert out["baseline_epochs"] == pytest.approx(1000.0)
+    assert row["equal_epochs"]["values"] == {"0": "beyond the run", "1": "beyond the run"}
+    assert out["settings"]["slow"]["compute_to_target"] == {"0": "not reached"}
+    assert out["settings"]["slow"]["speedup"]["point"] == 0.0
+    assert row["noise"] == pytest.approx(0.1)  # half of every split-half gap (0.2)
+    half = summarize_study({"full": base, "fast": fast}, "full", "m", 0.05)
+    at = half["settings"]["full"]["equal_epochs"]  # the baseline at its own epochs: its end
+    assert at["mean"] == pytest.approx(2.0)
 
 
 def test_converged_needs_a_curve() -> None:

@@ -45,6 +45,9 @@ def test_embed_stage_each_id_once_and_skip_on_rerun(ray_cluster, tmp_path):
     store = RunStore(str(tmp_path / "run"))
     manifest = run_stage("embed", cfg, store)
     assert manifest["rows"] == 15 and manifest["skipped"] == 2 and manifest["dim"] == 16
+    # random projection of 8x8 grey pixels to 16-d: one [1, 64] x [64, 16] matmul per image
+    assert manifest["encoder_flops_per_image"] == 2 * 64 * 16
+    assert manifest["flops"] == 15 * 2 * 64 * 16
     assert {e["id"] for e in manifest["skipped_examples"]} == {"a/bad0.png", "a/bad1.png"}
 
     ids, labels, emb = read_embeddings(store)

@@ -140,6 +140,17 @@ class Encoder:
             raise RuntimeError(f"network gave {out.shape[1]} features, expected {self.dim}")
         return out.cpu().numpy()
 
+    def flops_per_image(self) -> int:
+        """FLOPs of encoding one image (torch FlopCounterMode over the network; the CPU resize
+        and elementwise ops such as pooling are not counted)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        p = self.preprocessor
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self(np.zeros((1, p.input_size, p.input_size, p.channels), np.uint8))
+        return int(counter.get_total_flops())
+
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> NCHW tensor view; read-only arrays (Ray's zero-copy batches) are copied."""

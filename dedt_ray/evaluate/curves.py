@@ -8,12 +8,15 @@ A curve is a run's sequence of (training compute, metric) points, lower metric b
 - `convergence`: the stopping rule of `train.until: converged`.
 - `compute_to_target`: the first crossing of a target, interpolated linearly in log-compute.
 - `bootstrap_speedup` / `mean_interval`: uncertainty over seeds.
+- `summarize_study`: a study's target, and per setting the compute to reach it, the speed-up
+  against the baseline and the metric at the baseline's number of epochs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -108,3 +111,139 @@ def bootstrap_speedup(
         return point, point, point
     lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return point, float(lo), float(hi)
+
+
+def value_at(compute: Sequence[float], values: Sequence[float], at: float) -> float | None:
+    """The curve's value at compute `at`, interpolated linearly in log-compute; None outside
+    the evaluated range."""
+    pts = sorted((c, v) for c, v in zip(compute, values, strict=True) if np.isfinite(v) and c > 0)
+    if not pts or not pts[0][0] <= at <= pts[-1][0]:
+        return None
+    c, v = np.log([p[0] for p in pts]), [p[1] for p in pts]
+    return float(np.interp(math.log(at), c, v))
+
+
+# -- a study: settings x seeds ------------------------------------------------------------------
+@dataclass
+class SeedRun:
+    """One finished run of a study: its curve points (`train_flops`, `images_seen`, the
+    metric and its split halves), training rows, the final evaluation's metric, images seen."""
+
+    points: list[dict]
+    rows: int
+    evaluated: float | None = None
+    images_seen: int = 0
+
+
+def _interval(values: Sequence[float | None], level: float) -> dict[str, float | None]:
+    mean, low, high = mean_interval([v for v in values if v is not None], level)
+    out = {"mean": mean, "low": low, "high": high}
+    return {k: None if v is None or not math.isfinite(v) else v for k, v in out.items()}
+
+
+def to_target(run: SeedRun, metric: str, target: float) -> float | None:
+    """Compute (training FLOPs incl. offsets) at which the run first reaches `target`."""
+    flops, values = [p["train_flops"] for p in run.points], [p[metric] for p in run.points]
+    return compute_to_target(flops, values, target)
+
+
+def at_images(run: SeedRun, metric: str, images: float) -> float | None:
+    """The run's metric after `images` images seen (interpolated in log-images)."""
+    return value_at([p["images_seen"] for p in run.points], [p[metric] for p in run.points], images)
+
+
+def run_noise(run: SeedRun, metric: str) -> float:
+    """The noise of one evaluation of the run's curve (`noise` of its split halves)."""
+    return noise([p[f"{metric}_half_a"] for p in run.points],
+                 [p[f"{metric}_half_b"] for p in run.points])  # fmt: skip
+
+
+def setting_summary(
+    runs: dict[int, SeedRun],
+    base: dict[int, SeedRun],
+    metric: str,
+    target: float,
+    epochs: float | None,
+    draws: int = 2000,
+    level: float = 0.95,
+) -> dict:
+    """One setting against the baseline: final metric, compute to target per seed, speed-up
+    with a bootstrap interval over seeds, the metric at the baseline's `epochs`."""
+    reach = {seed: to_target(r, metric, target) for seed, r in runs.items()}
+    speed: tuple = (None, None, None)
+    if runs:
+        baseline = [to_target(r, metric, target) for r in base.values()]
+        speed = bootstrap_speedup(baseline, list(reach.values()), draws, 0, level)
+    equal = {s: at_images(r, metric, epochs * r.rows) for s, r in runs.items()} if epochs else {}
+    done = [r for r in runs.values() if r.points]
+    return {
+        "seeds": sorted(runs),
+        "final": _interval([r.points[-1][metric] for r in done], level),
+        "evaluated": _interval([r.evaluated for r in done], level),
+        "compute_spent": _interval([r.points[-1]["train_flops"] for r in done], level),
+        "compute_to_target": {str(s): "not reached" if c is None else c for s, c in reach.items()},
+        "speedup": dict(zip(("point", "low", "high"), speed, strict=True)),
+        "equal_epochs": {
+            "epochs": epochs,
+            "values": {str(s): "beyond the run" if v is None else v for s, v in equal.items()},
+            **_interval(list(equal.values()), level),
+        },
+        "noise": float(np.nanmedian([run_noise(r, metric) for r in done])) if done else None,
+    }
+
+
+def summarize_study(
+    runs: dict[str, dict[int, SeedRun]],
+    baseline: str,
+    metric: str,
+    tolerance: float,
+    draws: int = 2000,
+    level: float = 0.95,
+) -> dict:
+    """The target (the baseline's final metric, mean over seeds, x (1 + tolerance)) and each
+    setting's summary (`setting_summary`); the baseline's epochs (images seen per training
+    row) give every setting's equal-epochs point."""
+    base = runs[baseline]
+    final = mean_interval([r.points[-1][metric] for r in base.values() if r.points], level)[0]
+    target = final * (1 + tolerance)
+    per_row = [r.images_seen / r.rows for r in base.values() if r.rows]
+    epochs = float(np.mean(per_row)) if per_row else None
+    return {
+        "metric": metric,
+        "baseline": baseline,
+        "baseline_final": final,
+        "tolerance": tolerance,
+        "target": target,
+        "level": level,
+        "baseline_epochs": epochs,
+        "settings": {
+            name: setting_summary(seeds, base, metric, target, epochs, draws, level)
+            for name, seeds in runs.items()
+        },
+    }
+
+
+SUMMARY_HEADER = [
+    "setting", "status", "seeds done", "seeds failed", "final mean", "final low", "final high",
+    "evaluated mean", "at baseline epochs", "FLOPs spent", "FLOPs to target per seed",
+    "speed-up", "speed-up low", "speed-up high",
+]  # fmt: skip
+
+
+def summary_rows(summary: dict) -> list[list]:
+    """A study summary (as `dedt-ray study` writes it) as the rows of its speed-up table."""
+    rows = []
+    for name, s in summary["settings"].items():
+        speed, final = s.get("speedup") or {}, s.get("final") or {}
+        reach = "; ".join(
+            f"{seed}: {v if isinstance(v, str) else f'{v:.3g}'}"
+            for seed, v in (s.get("compute_to_target") or {}).items()
+        )
+        rows.append([
+            name, s.get("status"), len(s.get("seeds") or []), len(s.get("failed") or {}),
+            final.get("mean"), final.get("low"), final.get("high"),
+            (s.get("evaluated") or {}).get("mean"), (s.get("equal_epochs") or {}).get("mean"),
+            (s.get("compute_spent") or {}).get("mean"), reach,
+            speed.get("point"), speed.get("low"), speed.get("high"),
+        ])  # fmt: skip
+    return rows
