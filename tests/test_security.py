@@ -52,9 +52,14 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_local_cluster_binds_to_loopback():
+    """A new local cluster listens on loopback only, also when a dead `ray start` cluster
+    left its address behind (ignored with a warning, not waited on)."""
     tmp = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # short: Ray's unix socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tmp  # no cluster `ray start`ed by someone else is found
+    # ... but a stale one: `ray start` ended without `ray stop`, nothing listens there
+    os.makedirs(os.path.join(tmp, "ray"))
+    Path(tmp, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
     try:
         out = subprocess.run(
             [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
@@ -63,6 +68,7 @@ def test_local_cluster_binds_to_loopback():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "nothing listens there" in out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["gcs"].startswith("127.0.0.1:") and seen["nodes"] == ["127.0.0.1"]
     assert seen["listening"], "no listening socket found"
