@@ -604,5 +604,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_describe(exc, path, list(overrides or []))) from None
 
 
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> Config:
+    """A config tree (`model_dump(mode="json")`) with dotted `key=value` overrides, validated;
+    a ConfigError names each bad key and the override it came from."""
+    try:
+        return Config.model_validate(_merge(tree, parse_overrides(overrides)))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, None, overrides)) from None
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from dedt_ray.config import Config, ConfigError, StudySetting, _describe, _merge, parse_overrides
+from dedt_ray.config import Config, ConfigError, StudySetting, apply_overrides
 from dedt_ray.store import RunStore
 
 log = logging.getLogger("dedt_ray")
@@ -77,12 +76,9 @@ def setting_config(cfg: Config, name: str, overrides: tuple[str, ...] | list[str
 def with_overrides(cfg: Config, name: str, overrides: tuple[str, ...] | list[str]) -> Config:
     """`cfg` with dotted `key=value` overrides, validated; errors name the setting."""
     try:
-        tree = _merge(cfg.model_dump(mode="json"), parse_overrides(list(overrides)))
-        return Config.model_validate(tree)
+        return apply_overrides(cfg.model_dump(mode="json"), list(overrides))
     except ConfigError as exc:
-        raise ConfigError(f"study.settings {name!r}: {exc}") from None
-    except ValidationError as exc:
-        detail = _describe(exc).removeprefix("invalid config:\n").strip()
+        detail = str(exc).removeprefix("invalid config:\n").strip()
         raise ConfigError(f"study.settings {name!r}: {detail}") from None
 
 

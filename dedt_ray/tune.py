@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 from ray.train import UserCallback  # noqa: E402
 from ray.tune import Callback  # noqa: E402
 
-from dedt_ray.config import Config, ConfigError, TuneParam, dump_config, parse_overrides  # noqa: E402
+from dedt_ray.config import Config, ConfigError, TuneParam, apply_overrides, dump_config  # noqa: E402
 from dedt_ray.store import RunStore  # noqa: E402
 
 log = logging.getLogger("dedt_ray")
@@ -124,15 +124,7 @@ def trial_overrides(params: dict[str, Any], space: dict[str, TuneParam]) -> list
 
 def trial_config(base: dict[str, Any], fixed: list[str], params: dict, space: dict) -> Config:
     """The base config with the sweep's fixed overrides and a trial's sampled values."""
-    tree = _merge(base, parse_overrides([*fixed, *trial_overrides(params, space)]))
-    return Config.model_validate(tree)
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return apply_overrides(base, [*fixed, *trial_overrides(params, space)])
 
 
 # -- one trial ---------------------------------------------------------------------------
