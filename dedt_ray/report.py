@@ -379,7 +379,7 @@ def per_class_section(run: RunArtifacts) -> str:
 
 def stage_flops(name: str, m: dict[str, Any]) -> float | None:
     """FLOPs a stage itself counted (training: forward + backward; evaluate: sampling), not
-    what it reads from upstream; None where it counts none (embed, select, report)."""
+    what it reads from upstream; None where it counts none (select, report)."""
     flops = m.get("flops")
     if isinstance(flops, int | float) and not isinstance(flops, bool):
         return float(flops)

@@ -22,7 +22,7 @@ from PIL import Image
 from runs import copy_run
 
 from dedt_ray.config import load_config
-from dedt_ray.report import REPORT, collect, render
+from dedt_ray.report import REPORT, collect, render, stage_flops
 from dedt_ray.report import run as report_run
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
@@ -287,18 +287,27 @@ def test_compute_per_stage_and_saving_estimate_without_baseline(full_run) -> Non
     store.write_manifest(
         "reference", {"output_id": "f", "seconds": 4.0, "rows": 640, "flops": 1.0e11}
     )
+    train = {**store.manifest("train"), "seconds": 42.0, "flops": 3.2e12, "rows": 640,
+             "train_wall_seconds": 40.0}  # fmt: skip
+    store.write_manifest("train", train)
+    total = store.manifest("embed")["rows"]
+    others = sum(  # the copied run's own reweight / tdc compute counts too
+        stage_flops(n, store.manifest(n)) or 0.0 for n in ("reweight", "tdc") if store.manifest(n)
+    )
     page = render(collect(store, "seed: 0\n"))
     assert "estimate" in page and '<table id="compute">' not in page
     tables = parse_tables(page)
     per_stage = {row[0][0]: [c[0] for c in row[1:]] for row in tables["compute-stages"]}
     assert per_stage["train"] == ["42", "3.2e+12"] and per_stage["reference"] == ["4", "1e+11"]
-    assert per_stage["embed"][1] == "n/a"  # embedding counts no FLOPs
+    assert float(per_stage["embed"][1]) == store.manifest("embed")["flops"]  # the encoder's
+    assert per_stage["select"][1] == "n/a"  # selection counts none
     saving = {row[0][0]: [float(c[1]) for c in row[1:]] for row in tables["compute-saving"]}
-    # 640 of 1797 images for 10 epochs; all 1797 for 10 epochs costs 1797/640 as much
+    # 640 of `total` images for the same epochs; all of them costs total/640 as much
     this, full, saved = saving["training FLOPs"]
-    assert this == 3.2e12 + 1.0e11 and full == pytest.approx(3.2e12 * 1797 / 640)
+    assert this == pytest.approx(3.2e12 + 1.0e11 + others, rel=1e-5)
+    assert full == pytest.approx(3.2e12 * total / 640, rel=1e-5)
     assert saved == pytest.approx(1 - this / full)
-    seconds = saving["wall seconds"]  # select 1.5 + reweight 0.5 + reference 4 + train 42
-    assert seconds[0] == pytest.approx(48.0) and seconds[1] == pytest.approx(
-        42 + 40 * (1797 / 640 - 1)
-    )
+    seconds = saving["wall seconds"]  # select + reference + reweight + tdc + train
+    spent = sum(m["seconds"] for m in map(store.manifest, ("select", "reweight", "tdc")) if m)
+    assert seconds[0] == pytest.approx(spent + 4.0 + 42.0)
+    assert seconds[1] == pytest.approx(42 + 40 * (total / 640 - 1))
