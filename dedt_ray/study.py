@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from dedt_ray.config import Config, ConfigError, StudySetting, apply_overrides
-from dedt_ray.store import RunStore
+from dedt_ray.store import RunStore, check_own_files
 
 log = logging.getLogger("dedt_ray")
 
@@ -200,6 +200,9 @@ def run_phase(
     storage = base.uri(base.path(STUDY, "tune"))
     path = posixpath.join(storage, phase)
     if ray.tune.Tuner.can_restore(path):
+        if base.is_local:  # Tune unpickles the experiment's state: only the user's own
+            why = "Ray Tune unpickles a phase's state when a study continues (docs/tune.md)"
+            check_own_files(base.path(STUDY, "tune", phase), why)
         log.info("study: continuing phase %s in %s", phase, path)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
