@@ -39,6 +39,7 @@ PIPELINE = [  # the default config, tiny budgets, every stage but latents enable
     "train.checkpoint_every=4",
     "model.num_train_timesteps=100",
     "tdc.enabled=true",
+    "train.num_workers=1",  # Ray Train workers that read the run directory by URI
     "tdc.rounds=1",
     "tdc.score_steps=1",
     "tdc.score_images=16",
