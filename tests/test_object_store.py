@@ -149,8 +149,10 @@ def test_default_pipeline_on_s3_then_skipped(s3_server, tmp_path):
     tdc = done["tdc"]
     assert tdc["model"] == f"s3://{RUN}/tdc/model" and tdc["rows"] == 2
     pruned = [g for g in tdc["groups"] if g["rounds"] > 0]
-    tdc_files = {i.base_name for i in s3.get_file_info(pafs.FileSelector(f"{RUN}/tdc"))}
-    assert {f"proxy-{g['group']}.db" for g in pruned} <= tdc_files and pruned
+    banks = {i.base_name for i in s3.get_file_info(pafs.FileSelector(f"{RUN}/_tdc_proxy"))}
+    assert pruned and all(  # each searched group's memory bank, g<group>-<key>.db
+        any(b.startswith(f"g{g['group']}-") and b.endswith(".db") for b in banks) for g in pruned
+    )
     routed, _, _, info = load_export(str(_fetch(s3, "tdc/model", tmp_path / "routed")))
     assert isinstance(routed, RoutedUNet) and info["tdc"] is True
     assert [list(g) for g in routed.groups] == [[g["t_lo"], g["t_hi"]] for g in tdc["groups"]]
