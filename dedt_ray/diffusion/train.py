@@ -173,8 +173,8 @@ def card_sections(
     if select is not None:
         text = (
             f"Trained on {len(labels)} of {select.get('rows')} images: the `select` stage "
-            f"kept {cfg.select.keep_ratio:.0%} of every class by the "
-            f"`{select.get('criterion')}` criterion in `{cfg.embed.encoder}` embedding space."
+            f"kept {select.get('keep_ratio', 0):.0%} of every class by the "
+            f"`{select.get('criterion')}` criterion in `{select.get('encoder')}` embedding space."
         )
     else:
         text = f"Trained on all {len(labels)} source images (no selection)."

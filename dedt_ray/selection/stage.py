@@ -362,7 +362,8 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
             store.write_bytes(duplicates_png(cfg, duplicates), "select", DUPLICATES_PNG)
     store.write_bytes(examples_png(cfg, table, grouping.mode), "select", EXAMPLES)
     manifest = summarise(table, grouping, sel, clustering.fit_rows if clustering else 0)
-    return {**manifest, "shuffle": strategy.value}
+    encoder = (store.manifest("embed") or {}).get("encoder")  # the embedding space
+    return {**manifest, "encoder": encoder, "shuffle": strategy.value}
 
 
 def _dedup_summary(table: pa.Table, sel: SelectConfig, clusters: int | None) -> dict[str, Any]:
@@ -409,6 +410,7 @@ def summarise(
         "kept": kept,
         "skipped": 0,
         "criterion": sel.criterion,
+        "keep_ratio": sel.keep_ratio,
         "grouping": {
             "mode": grouping.mode,
             "groups": len(per_group),
