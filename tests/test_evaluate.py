@@ -39,14 +39,6 @@ from dedt_ray.evaluate.classifier import SmallCNN, from_bytes, to_bytes
 from dedt_ray.store import RunStore
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_tiny_model(directory: Path, num_classes: int | None, seed: int = 0) -> None:
     """A random tiny UNet in the trainer's export layout (unet/, scheduler/, dedt_model.json)."""
     from diffusers import DDPMScheduler, UNet2DModel

@@ -21,15 +21,6 @@ from dedt_ray.evaluate import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny cdist blocks: torch's thread pool only adds sync overhead (severe on a busy box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _scipy_frechet(mu1, s1, mu2, s2) -> float:
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     covmean = np.real(covmean)

@@ -33,12 +33,7 @@ BLOCKS = ["down.0", "down.1", "mid", "up.0", "up.1"]
 TARGET = {"down.0": 0.1, "down.1": 0.6, "mid": 0.8, "up.0": 0.3, "up.1": 0.2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.py
 
 
 def _synthetic(ratios: dict[str, float]) -> float:

@@ -28,14 +28,7 @@ from dedt_ray.tdc.pruning import (
     taylor_gradients,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: more threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.py
 
 
 def tiny_unet(attention: bool = True, classes: bool = True, seed: int = 0) -> UNet2DModel:
