@@ -117,7 +117,7 @@ class _StderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value: Any) -> None:
-        pass
+        """Ignored (logging's setStream): the stream is always the current sys.stderr."""
 
 
 def setup_logging(verbose: int, quiet: int) -> None:
