@@ -43,6 +43,8 @@ def one_run(cfg: Config, base: RunStore, name: str) -> dict[str, float]:
         "loop_s": float(manifest["train_wall_seconds"]),
         "points": int(curve.get("points") or 0),
         "eval_s": float(curve.get("eval_seconds") or 0.0),
+        "start_s": float(curve.get("start_seconds") or 0.0),  # starting the scorer
+        "wait_s": float(curve.get("wait_seconds") or 0.0),  # waiting for the last points
     }
 
 
@@ -81,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[kind].append(one_run(cfg, base, f"{kind}-{r}"))
             print(f"round {r} {kind}: {json.dumps(runs[kind][-1])}", flush=True)
 
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("stage_s", "loop_s", "eval_s")}
-           for k, v in runs.items()}  # fmt: skip
+    figures = ("stage_s", "loop_s", "eval_s", "start_s", "wait_s")
+    med = {k: {m: statistics.median(x[m] for x in v) for m in figures} for k, v in runs.items()}
     tc = with_curve.train
     print(
         f"\n{args.steps} steps of batch {tc.batch_size}; curve every {tc.eval_every} steps, "
@@ -93,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     for m, label in (("stage_s", "train stage wall s"), ("loop_s", "training loop wall s")):
         ratio = med["curve"][m] / med["plain"][m]
         print(f"| {label} | {med['curve'][m]:.1f} | {med['plain'][m]:.1f} | **{ratio:.3f}** |")
-    print(f"scoring time on the actor (summed over points): {med['curve']['eval_s']:.1f} s")
+    c = med["curve"]
+    print(
+        f"scoring time on the actor (summed over points): {c['eval_s']:.1f} s; the stage "
+        f"spent {c['start_s']:.1f} s starting the scorer and {c['wait_s']:.1f} s waiting for "
+        "the last points"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "shared_s": shared_s}, indent=1))
     return 0

@@ -114,6 +114,31 @@ def test_study_summary_on_hand_made_curves() -> None:
     assert at["mean"] == pytest.approx(2.0)
 
 
+def test_noise_floor_draws_the_curves_class_counts() -> None:
+    """The floor's real images have a curve point's class counts (classes in turn), not the
+    data's proportions. 300 rows of class 0 and 100 of class 1 at 10 x one-hot: a balanced draw
+    of 100 (share p = 1/2 of class 1) against the rest (q = 50/300) is 2 (10 (p - q))^2 apart in
+    the means, plus the trace term of two rank-1 covariances with eigenvalues 2 * 100 p (1 - p)
+    and the same for q; a random draw, ~0."""
+    from dedt_ray.evaluate.scorer import noise_floor
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], [300, 100])
+    rows = 10.0 * np.eye(2)[labels] + rng.normal(0, 0.1, (400, 2))
+    p, q = 0.5, 50 / 300
+    gap = (
+        2 * (10 * (p - q)) ** 2 + (math.sqrt(200 * p * (1 - p)) - math.sqrt(200 * q * (1 - q))) ** 2
+    )
+    assert noise_floor(rows, labels, 100, [0, 1], seed=0) == pytest.approx(gap, rel=0.02)
+    assert noise_floor(rows, labels, 100, None, seed=0) < 0.1 * gap
+    balanced = np.arange(400) % 2
+    rows_b = 10.0 * np.eye(2)[balanced] + rng.normal(0, 0.1, (400, 2))
+    assert noise_floor(rows_b, balanced, 100, [0, 1], seed=0) < 0.1 * gap
+    # too few rows of a class (or in all) to leave as many on the other side: no floor
+    assert math.isnan(noise_floor(rows, labels, 300, [0, 1], seed=0))
+    assert math.isnan(noise_floor(rows, labels, 201, None, seed=0))
+
+
 def test_converged_needs_a_curve() -> None:
     with pytest.raises(ConfigError, match="eval_every"):
         load_config(None, ["train.until=converged"])

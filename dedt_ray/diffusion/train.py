@@ -110,10 +110,14 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         else "no class weights",
         budget_steps(cfg, len(labels)), cfg.train.batch_size, max(1, cfg.train.num_workers),
     )  # fmt: skip
+    curve_started = time.perf_counter()
     curve = start_curve(cfg, store, ctx, spec, key, inputs.manifests)
+    curve_start_s = time.perf_counter() - curve_started
     job = make_job(cfg, spec, labels, class_weights, key, curve=curve)
     metrics, state = fit(cfg, store, job, rows, OUT, ctx.train_callbacks)
     curve_info = finish_curve(store, curve, OUT, state.get("curve_steps") or [])
+    if curve_info is not None:
+        curve_info["start_seconds"] = round(curve_start_s, 3)
     model_dir = export_model(cfg, store, state, spec, classes, OUT)
     update_card(
         store, export_dir(OUT), card_sections(cfg, inputs, labels, class_weights, classes),

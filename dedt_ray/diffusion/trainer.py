@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -454,7 +455,9 @@ def finish_curve(
     `<run>/<out>/curve.parquet`, stop the actor."""
     if curve is None:
         return None
+    started = time.perf_counter()
     points = ray.get(curve.scorer.finish.remote(steps))
+    waited = time.perf_counter() - started
     status = ray.get(curve.scorer.status.remote())
     ray.kill(curve.scorer)
     sink = pa.BufferOutputStream()
@@ -469,6 +472,7 @@ def finish_curve(
         "noise": status["noise"],
         "noise_floor": points[0].get("noise_floor") if points else None,
         "eval_seconds": sum(p["eval_seconds"] for p in points),
+        "wait_seconds": round(waited, 3),  # what the stage waited for the last points
     }
 
 

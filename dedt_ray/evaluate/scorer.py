@@ -216,36 +216,60 @@ def _fd(feats: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
 
 
 # -- the factory (driver side) ------------------------------------------------------------------
-def real_side(cfg: Config, store: RunStore, space: FeatureSpace, gpus: float) -> RealSide:
-    """The real features' statistics and KID subset, computed once per run and cached."""
+def noise_floor(
+    rows: np.ndarray, labels: np.ndarray, samples: int, classes: list[int] | None, seed: int
+) -> float:
+    """What a curve point measures, with real images in place of generated ones: FD of
+    `samples` real rows, drawn with the class counts of a point's labels (classes in turn), or
+    at random when unconditional, against the other rows. NaN when there are too few rows."""
+    rng = np.random.default_rng(seed)
+    if classes:
+        counts = np.bincount(np.arange(samples) % len(classes), minlength=len(classes))
+        picked = []
+        for cls, n in zip(classes, counts, strict=True):
+            of_class = np.flatnonzero(labels == cls)
+            if len(of_class) < 2 * n:  # too few to draw n and leave as many for the other side
+                return float("nan")
+            picked.append(rng.choice(of_class, n, replace=False))
+        a = np.concatenate(picked)
+    else:
+        if len(rows) < 2 * samples:
+            return float("nan")
+        a = rng.permutation(len(rows))[:samples]
+    rest = np.setdiff1d(np.arange(len(rows)), a)
+    other = FeatureStats().update(rows[rest])
+    return _fd(rows[a], other.mean, other.cov)
+
+
+def real_side(
+    cfg: Config, store: RunStore, space: FeatureSpace, gpus: float,
+    classes: list[int] | None = None,
+) -> RealSide:  # fmt: skip
+    """The real features' statistics and KID subset (with its labels), computed once per run
+    and cached; the noise floor for a curve scored over `classes` (`noise_floor`)."""
+    import io
+
     from dedt_ray.evaluate.stage import real_features
 
-    ev, samples = cfg.evaluate, cfg.train.eval_samples
+    ev = cfg.evaluate
     key = hash_json(
         {"space": space.describe(), "data": cfg.data.model_dump(mode="json"),
-         "max_real": ev.max_real, "subset": ev.manifold_samples, "n": samples}
+         "max_real": ev.max_real, "subset": ev.manifold_samples, "version": 2}
     )  # fmt: skip
     name = f"real-{key}.npz"
     if store.exists(CACHE, name):
-        import io
-
         with np.load(io.BytesIO(store.read_bytes(CACHE, name))) as z:
-            return RealSide(z["mean"], z["cov"], z["subset"], int(z["count"]), float(z["floor"]))
-    acc = real_features(cfg, [space], gpus, per_class=False)[0]
-    subset = np.asarray(acc.subset.rows, np.float64)
-    floor = float("nan")
-    if len(subset) >= 2 * samples:  # what a curve point measures, with real images instead
-        order = np.random.default_rng(ev.seed).permutation(len(subset))
-        a, b = subset[order[:samples]], subset[order[samples:]]
-        other = FeatureStats().update(b)
-        floor = _fd(a, other.mean, other.cov)
-    real = RealSide(acc.total.mean, acc.total.cov, subset, acc.count, floor)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, mean=real.mean, cov=real.cov, subset=real.subset, count=real.count, floor=floor)
-    store.write_bytes(buf.getvalue(), CACHE, name)
-    return real
+            mean, cov, subset, labels, count = (z[k] for k in ("mean", "cov", "subset",
+                                                               "labels", "count"))  # fmt: skip
+    else:
+        acc = real_features(cfg, [space], gpus, per_class=False)[0]
+        mean, cov, count = acc.total.mean, acc.total.cov, acc.count
+        subset, labels = np.asarray(acc.subset.rows, np.float64), acc.subset.labels
+        buf = io.BytesIO()
+        np.savez(buf, mean=mean, cov=cov, subset=subset, labels=labels, count=count)
+        store.write_bytes(buf.getvalue(), CACHE, name)
+    floor = noise_floor(subset, labels, cfg.train.eval_samples, classes, ev.seed)
+    return RealSide(mean, cov, subset, int(count), floor)
 
 
 def make_scorer(
@@ -268,7 +292,7 @@ def make_scorer(
     ev = cfg.evaluate
     gpus = ev.gpus_per_actor if ev.gpus_per_actor is not None else min(1.0, cluster_gpus())
     space, _ = resolve_feature_space(cfg, store, gpus)
-    real = real_side(cfg, store, space, gpus)
+    real = real_side(cfg, store, space, gpus, classes)
     log_path = store.uri(store.path("_ray", f"{name}-curve.json"))
     points = store.read_json("_ray", f"{name}-curve.json") if store.exists(
         "_ray", f"{name}-curve.json") else []  # fmt: skip
