@@ -134,8 +134,9 @@ def test_noise_floor_draws_the_curves_class_counts() -> None:
     balanced = np.arange(400) % 2
     rows_b = 10.0 * np.eye(2)[balanced] + rng.normal(0, 0.1, (400, 2))
     assert noise_floor(rows_b, balanced, 100, [0, 1], seed=0) < 0.1 * gap
-    # too few rows of a class (or in all) to leave as many on the other side: no floor
+    # too few rows of a class (100 for a draw of 150), or left on the other side: no floor
     assert math.isnan(noise_floor(rows, labels, 300, [0, 1], seed=0))
+    assert math.isnan(noise_floor(rows, labels, 201, [0, 1], seed=0))  # 199 left
     assert math.isnan(noise_floor(rows, labels, 201, None, seed=0))
 
 
@@ -186,3 +187,49 @@ def test_curve_points_along_training_and_converged_stop(ray_cluster, tmp_path):
     assert stopped["stopped"] and "converged" in stopped["stopped"]
     assert stopped["steps"] < 200 and stopped["steps"] % 4 == 0
     assert "stopped early" in stopped["summary"] and stopped["curve"]["points"] >= 3
+
+
+def test_composite_point_a_part_never_reached_is_scored_with_its_final_weights(one_thread):
+    """A routed model's parts end at different steps (InfoBatch epochs): part 1 stops after
+    step 4, part 0 goes on to 8. At `finish` the step-8 point is scored with part 1's final
+    (step-4) weights, and its compute is what both parts really spent."""
+    import torch
+
+    from dedt_ray.config import ModelConfig
+    from dedt_ray.diffusion.job import ScratchModel
+    from dedt_ray.diffusion.models import ModelSpec, build_unet
+    from dedt_ray.evaluate.classifier import to_bytes, train_classifier
+    from dedt_ray.evaluate.features import FeatureSpace
+    from dedt_ray.evaluate.scorer import CurveScorer, CurveSettings, RealSide
+    from dedt_ray.smoke import SMOKE_UNET
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(40) % 2
+    net, net_cfg = train_classifier(images, labels, 2, epochs=1, feature_dim=8, width=8)
+    space = FeatureSpace("classifier", "toy", 1, 8, classifier=(to_bytes(net), net_cfg))
+    real_rows = rng.normal(size=(40, 8))
+    real = RealSide(real_rows.mean(0), np.cov(real_rows, rowvar=False), real_rows, 40, 0.0)
+    model_cfg = ModelConfig.model_validate({**SMOKE_UNET, "mid_attention": False,
+                                            "attention_levels": [False, False]})  # fmt: skip
+    spec = ModelSpec(8, 1, 2)
+    scorer = CurveScorer(
+        space, real, CurveSettings(samples=8, steps=2, patience=2), "FD_toy", "KD_toy",
+        model_cfg.model_dump(mode="json"), spec.to_dict(), [0, 1], parts=2,
+        assemble=lambda models: models[0],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    weights = build_unet(model_cfg, spec).state_dict()
+
+    def submit(key: int, step: int) -> None:
+        point = {"step": step, "images_seen": 8 * step, "flops": 10.0 * step, "wall_s": step}
+        scorer.submit(point, weights, ScratchModel(), key)
+
+    submit(0, 4)
+    submit(1, 4)
+    submit(0, 8)  # part 1 never reaches step 8
+    assert scorer.status()["points"] == 1
+    points = scorer.finish([4, 8], timeout=60)
+    assert [p["step"] for p in points] == [4, 8]
+    assert [p["train_flops"] for p in points] == [40.0 + 40.0, 80.0 + 40.0]
+    assert points[1]["images_seen"] == 64 and math.isfinite(points[1]["FD_toy"])

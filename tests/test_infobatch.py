@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from dedt_ray.config import ConfigError, load_config
@@ -126,16 +127,32 @@ IB = [
 ]
 
 
+CURVE = [  # a curve point every 8 steps, scored by a one-epoch classifier
+    "train.eval_every=8",
+    "train.eval_samples=16",
+    "train.eval_steps=2",
+    "evaluate.feature_space=classifier",
+    "evaluate.classifier_epochs=1",
+    "evaluate.classifier_max_images=96",
+    "evaluate.manifold_samples=48",
+]
+
+
 @pytest.mark.slow
 def test_infobatch_trains_fewer_steps_and_resumes_exactly(ray_cluster, tmp_path):
     full = run_stage("train", load_config(None, IB), RunStore(str(tmp_path / "full")))
     assert full["steps"] == math.ceil(6 * 96 / 8) and full["infobatch"] is None
     on = [*IB, "train.infobatch.enabled=true", "train.min_snr_gamma=5"]
-    pruned = run_stage("train", load_config(None, on), RunStore(str(tmp_path / "ib")))
+    store = RunStore(str(tmp_path / "ib"))
+    pruned = run_stage("train", load_config(None, [*on, *CURVE]), store)
     ib = pruned["infobatch"]
     assert pruned["steps"] < full["steps"] and ib["pruned_samples"] > 0
     assert pruned["images_seen"] == pruned["steps"] * 8
     assert pruned["flops"] == pruned["steps"] * pruned["flops_per_step"] < full["flops"]
+    # the curve ends where the epochs did (not at the step ceiling the budget started from)
+    points = pq.read_table(store.path("train", "curve.parquet")).to_pylist()
+    assert points[-1]["step"] == pruned["steps"]
+    assert points[-1]["train_flops"] == pruned["flops"]
     # a crash mid-run resumes from the checkpoint: the same steps and loss as uninterrupted
     flag = tmp_path / "fail.flag"
     flag.write_text("x")

@@ -85,7 +85,7 @@ def test_defaults_and_derived_stage_configs():
 def test_plan_spends_the_budget_on_equal_steps():
     spec = ModelSpec(8, 1, 10)
     cfg = load_config(None, [*TINY_OVERRIDES, "train.steps=200", "train.batch_size=16"])
-    plan = plan_dro(cfg, spec)
+    plan = plan_dro(cfg, spec, 200)
     assert plan.reference_steps == plan.proxy_steps > 1
     pair = plan.reference_step_flops + plan.proxy_step_flops + plan.reference_forward_flops
     assert plan.proxy_steps == int(0.08 * plan.final_flops // pair)
@@ -93,13 +93,25 @@ def test_plan_spends_the_budget_on_equal_steps():
     # the small model: about a quarter of the final model's FLOPs (half the widths)
     final_step = plan.final_flops / cfg.train.steps
     assert 0.15 < plan.proxy_step_flops / final_step < 0.4
-    longer = load_config(None, [*TINY_OVERRIDES, "train.steps=400", "train.batch_size=16"])
-    assert plan_dro(longer, spec).proxy_steps >= 2 * plan.proxy_steps - 1
+    assert plan_dro(cfg, spec, 400).proxy_steps >= 2 * plan.proxy_steps - 1
     explicit = load_config(None, [*TINY_OVERRIDES, "reference.steps=3", "reweight.steps=5"])
-    assert (plan_dro(explicit, spec).reference_steps, plan_dro(explicit, spec).proxy_steps) == (
-        3,
-        5,
-    )
+    planned = plan_dro(explicit, spec, 200)
+    assert (planned.reference_steps, planned.proxy_steps) == (3, 5)
+
+
+def test_plan_follows_an_epoch_budget_not_the_step_ceiling():
+    """With `train.epochs` the final training runs ceil(epochs x rows / batch) steps, whatever
+    `train.steps` says: the stages plan DRO from that (`budget_steps`)."""
+    from dedt_ray.diffusion.trainer import budget_steps
+
+    spec = ModelSpec(8, 1, 10)
+    over = [*TINY_OVERRIDES, "train.steps=2400", "train.batch_size=16", "train.epochs=10"]
+    cfg = load_config(None, over)
+    steps = budget_steps(cfg, 160)
+    assert steps == 100
+    plan = plan_dro(cfg, spec, steps)
+    assert plan.final_flops == plan_dro(cfg, spec, 100).final_flops
+    assert plan.final_flops * 24 == pytest.approx(plan_dro(cfg, spec, 2400).final_flops)
 
 
 def _save_unet(path, **kw) -> None:

@@ -307,8 +307,8 @@ def train_loop(config: dict[str, Any]) -> None:
         _maybe_fail(tc, run.step + 1, rank)
         window.loss += step_fn()
         window.steps += 1
-        stop = curve_step(job, run, window, rank, dist, device)
         last = run.step == tc.steps or getattr(shard.stream, "done", False)
+        stop = curve_step(job, run, window, last, rank, dist, device)
         log_now = run.step % tc.log_every == 0 or last or stop
         save_now = run.step % tc.checkpoint_every == 0 or last or stop
         if log_now or save_now:
@@ -337,13 +337,14 @@ def submit_curve(job: TrainJob, run: Training, window: Window) -> None:
 
 
 def curve_step(
-    job: TrainJob, run: Training, window: Window, rank: int, dist: Any, device: torch.device
-) -> bool:
-    """At an evaluation step (every `curve.every` steps and the last): submit (rank 0) and,
-    with `until_converged`, whether every rank stops here (rank 0 asks the scorer and
-    broadcasts its answer)."""
+    job: TrainJob, run: Training, window: Window, last: bool, rank: int, dist: Any,
+    device: torch.device,
+) -> bool:  # fmt: skip
+    """At an evaluation step (every `curve.every` steps and the `last`: the step ceiling, or
+    the end of an epoch budget): submit (rank 0) and, with `until_converged`, whether every
+    rank stops here (rank 0 asks the scorer and broadcasts its answer)."""
     curve = job.curve
-    if curve is None or (run.step % curve.every and run.step != job.train_cfg.steps):
+    if curve is None or (run.step % curve.every and not last):
         return False
     if rank == 0:
         submit_curve(job, run, window)

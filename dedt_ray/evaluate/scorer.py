@@ -87,6 +87,7 @@ class CurveScorer:
         self.extract = FeatureExtractor(space, device)
         self._points: list[dict] = list(points or [])
         self._pending: dict[int, dict[int, tuple[dict, dict, Any]]] = {}
+        self._latest: dict[int, tuple[dict, dict, Any]] = {}  # each part's newest submission
         self._busy = 0
         self._errors: list[str] = []
         self._lock = threading.Condition()
@@ -96,26 +97,31 @@ class CurveScorer:
         """Score the weights at `point["step"]` (or hold them until every part has come)."""
         with self._lock:
             self._busy += 1
-            parts = self._pending.setdefault(int(point["step"]), {})
+            step = int(point["step"])
+            parts = self._pending.setdefault(step, {})
             parts[key] = (point, weights, source)
+            if key not in self._latest or self._latest[key][0]["step"] <= step:
+                self._latest[key] = parts[key]
             ready = len(parts) == self.parts
             if ready:
-                del self._pending[int(point["step"])]
+                del self._pending[step]
+        if ready:
+            self._score_point(step, [parts[k] for k in sorted(parts)], point)
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
+
+    def _score_point(self, step: int, parts: list[tuple[dict, dict, Any]], head: dict) -> None:
         try:
-            if ready:
-                row = self._score([parts[k] for k in sorted(parts)])
-                with self._lock:
-                    self._points.append(row)
-                    self._points.sort(key=lambda r: r["step"])
-                    self._write()
+            row = self._score(parts, head)
+            with self._lock:
+                self._points.append(row)
+                self._points.sort(key=lambda r: r["step"])
+                self._write()
         except Exception as exc:  # nobody waits on a submission: keep the error for finish()
-            log.exception("curve: scoring step %s failed", point.get("step"))
+            log.exception("curve: scoring step %s failed", step)
             with self._lock:
-                self._errors.append(f"step {point.get('step')}: {type(exc).__name__}: {exc}")
-        finally:
-            with self._lock:
-                self._busy -= 1
-                self._lock.notify_all()
+                self._errors.append(f"step {step}: {type(exc).__name__}: {exc}")
 
     def status(self) -> dict[str, Any]:
         """Whether the curve has flattened, its noise, and its points so far."""
@@ -127,9 +133,21 @@ class CurveScorer:
                 "metric": self.metric, "kernel": self.kernel}  # fmt: skip
 
     def finish(self, steps: list[int], timeout: float = 900.0) -> list[dict]:
-        """Every point, once the points of `steps` (what the trainer submitted) are scored."""
+        """Every point, once the points of `steps` (what the trainer submitted) are scored.
+        Training is over, so a composite step some parts never reached (their epoch budget
+        ended sooner) is scored with those parts' final weights, as the model then was."""
+        with self._lock:
+            held = sorted(self._pending.items())
+            self._pending.clear()
+            self._busy += 1
+        for step, parts in held:
+            head = next(iter(parts.values()))[0]  # a part that did reach this step
+            for key, newest in self._latest.items():
+                parts.setdefault(key, newest)
+            self._score_point(step, [parts[k] for k in sorted(parts)], head)
         deadline = time.monotonic() + timeout
         with self._lock:
+            self._busy -= 1
             while not self._done(steps) and time.monotonic() < deadline:
                 self._lock.wait(timeout=1.0)
             if not self._done(steps):
@@ -163,7 +181,7 @@ class CurveScorer:
             models.append(model.to(self.device).eval())
         return self.assemble(models) if self.assemble is not None else models[0]
 
-    def _score(self, parts: list[tuple[dict, dict, Any]]) -> dict[str, Any]:
+    def _score(self, parts: list[tuple[dict, dict, Any]], head: dict) -> dict[str, Any]:
         import torch
 
         from dedt_ray.config import ModelConfig
@@ -182,7 +200,7 @@ class CurveScorer:
         with torch.no_grad():
             images = generate(model, scheduler, labels, s.steps, 1.0, gen, num_samples=s.samples)
         feats = self.extract(images).astype(np.float64)
-        point = {k: v for k, v in parts[0][0].items() if k not in ("flops", "offset")}
+        point = {k: v for k, v in head.items() if k not in ("flops", "offset")}
         point["train_flops"] = sum(p[0]["flops"] for p in parts) + parts[0][0].get("offset", 0)
         point.update(self._distances(feats), eval_seconds=time.perf_counter() - started)
         point["noise_floor"] = self.real.noise_floor
@@ -221,22 +239,23 @@ def noise_floor(
 ) -> float:
     """What a curve point measures, with real images in place of generated ones: FD of
     `samples` real rows, drawn with the class counts of a point's labels (classes in turn), or
-    at random when unconditional, against the other rows. NaN when there are too few rows."""
+    at random when unconditional, against the other rows. NaN when a class has too few rows, or
+    fewer than `samples` would be left on the other side."""
     rng = np.random.default_rng(seed)
     if classes:
         counts = np.bincount(np.arange(samples) % len(classes), minlength=len(classes))
         picked = []
         for cls, n in zip(classes, counts, strict=True):
             of_class = np.flatnonzero(labels == cls)
-            if len(of_class) < 2 * n:  # too few to draw n and leave as many for the other side
+            if len(of_class) < n:
                 return float("nan")
             picked.append(rng.choice(of_class, n, replace=False))
         a = np.concatenate(picked)
     else:
-        if len(rows) < 2 * samples:
-            return float("nan")
         a = rng.permutation(len(rows))[:samples]
     rest = np.setdiff1d(np.arange(len(rows)), a)
+    if len(rest) < samples:
+        return float("nan")
     other = FeatureStats().update(rows[rest])
     return _fd(rows[a], other.mean, other.cov)
 

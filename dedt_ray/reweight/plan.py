@@ -4,8 +4,9 @@ DoReMi trains a small reference (uniform weights, the full data) and a small pro
 architecture, each for a real run; the search is cheap because the models are small, not
 because the runs are short. Here the two share `reweight.proxy_model` (half the widths by
 default) and train for as many steps as `reweight.budget` x the final model's training FLOPs
-buys: `s (F_ref + F_proxy + F_ref_forward) = budget x train.steps x F_final`, FLOPs measured
-per step on the real architectures (torch FlopCounterMode, batch 1, scaled to each batch).
+buys: `s (F_ref + F_proxy + F_ref_forward) = budget x S x F_final`, S the final training's
+steps (`train.steps`, or those of `train.epochs` over its rows), FLOPs measured per step on the
+real architectures (torch FlopCounterMode, batch 1, scaled to each batch).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class DROPlan:
 
     reference_steps: int
     proxy_steps: int
-    final_flops: float  # train.steps x the final model's FLOPs per step
+    final_flops: float  # the final training's steps x the final model's FLOPs per step
     reference_step_flops: int  # the small model, forward + backward, reference batch
     proxy_step_flops: int  # the small model, forward + backward, proxy batch
     reference_forward_flops: int  # the reference's forward on a proxy batch
@@ -61,14 +62,15 @@ def per_image_flops(model_cfg: ModelConfig, spec: ModelSpec) -> tuple[int, int]:
     return train, int(counter.get_total_flops())
 
 
-def plan_dro(cfg: Config, spec: ModelSpec) -> DROPlan:
-    """Equal reference and proxy steps within the budget (explicit steps win)."""
+def plan_dro(cfg: Config, spec: ModelSpec, final_steps: int) -> DROPlan:
+    """Equal reference and proxy steps within the budget of a final training of `final_steps`
+    (`trainer.budget_steps` of its rows; explicit steps win)."""
     small = proxy_model(cfg)
     final_train, _ = per_image_flops(cfg.model, spec)
     small_train, small_forward = per_image_flops(small, spec)
     ref_batch = cfg.reference.batch_size or cfg.train.batch_size
     proxy_batch = cfg.reweight.batch_size or cfg.train.batch_size
-    final = float(cfg.train.steps * final_train * cfg.train.batch_size)
+    final = float(final_steps * final_train * cfg.train.batch_size)
     ref_step, proxy_step = small_train * ref_batch, small_train * proxy_batch
     ref_forward = small_forward * proxy_batch
     steps = equal_steps(cfg.reweight.budget, final, ref_step + proxy_step + ref_forward)

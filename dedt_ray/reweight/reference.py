@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from dedt_ray.artifacts import TrainingInputs, model_dir, read_inputs
 from dedt_ray.config import Config, ConfigError
 from dedt_ray.diffusion.trainer import (
+    budget_steps,
     export_model,
     fit,
     keep_checkpoints,
@@ -167,6 +168,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     """Stage entry point: train (or copy) the reference model into `<run>/reference/model`."""
     check_reweight(cfg)
     inputs = read_inputs(store, ctx.inputs)  # select (its subset, or its groups), latents
+    final_rows = inputs.selection.num_rows if inputs.selection is not None else None
     if cfg.reference.data == "full":  # every row; the selection only lends its groups
         inputs.selection = None
     if cfg.reference.pretrained:
@@ -178,7 +180,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         log.warning("reference: %s, nothing to reweight; no reference trained", reason)
         return {"skipped": reason, "steps": 0, "flops": 0, "summary": f"skipped: {reason}"}
     spec = model_spec(cfg, labels, classes, data)
-    plan = plan_dro(cfg, spec)
+    plan = plan_dro(cfg, spec, budget_steps(cfg, final_rows or len(labels)))  # the train stage's
     rcfg = stage_config(cfg, "reference", plan.reference_steps)
     key = resume_key(rcfg, inputs.used, stage=OUT, data=cfg.reference.data)
     log.info(

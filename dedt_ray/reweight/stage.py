@@ -1,9 +1,10 @@
 """Stage `reweight`: DoReMi class weights from a proxy DM trained by Group DRO on Ray Train.
 
-The proxy (same architecture as the final model, from scratch, uniform class sampling) trains
-on the `select` subset for `reweight.steps` (default 3.5% of `train.steps`) with the trainer
-library; its loss hook (`DROSpec` -> `dedt_ray.reweight.dro.DROLoss`) compares it with the
-frozen `<run>/reference/model` on the same (x_t, t, noise) each step and updates the weights.
+The proxy (`reweight.proxy_model`, from scratch, uniform class sampling) trains on the `select`
+subset for the steps `reweight/plan.py` plans (`reweight.budget` of the final training's FLOPs,
+shared equally with the reference; `reweight.steps` overrides) with the trainer library; its
+loss hook (`DROSpec` -> `dedt_ray.reweight.dro.DROLoss`) compares it with the frozen
+`<run>/reference/model` on the same (x_t, t, noise) each step and updates the weights.
 
 Artifacts in `<run>/reweight/`: class_weights.json (`{"weights": {"<label>": w}, ...}`,
 what the train stage reads: the running average of the weights), trace.parquet (step, class,
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from dedt_ray.artifacts import CLASS_WEIGHTS, class_names, model_dir, read_inputs
 from dedt_ray.config import Config
 from dedt_ray.diffusion.trainer import (
+    budget_steps,
     fit,
     keep_checkpoints,
     make_job,
@@ -105,7 +107,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     embeds = store.read_json(*REFERENCE, "unet", "config.json").get("num_class_embeds")
     check_reference_classes(embeds, k, spec.num_classes > 0)  # before any proxy step
 
-    plan, rw = plan_dro(cfg, spec), cfg.reweight
+    plan, rw = plan_dro(cfg, spec, budget_steps(cfg, len(labels))), cfg.reweight  # train's rows
     pcfg = stage_config(cfg, "reweight", plan.proxy_steps)
     initial = rw.initial_excess
     if initial is None:
