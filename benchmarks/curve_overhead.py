@@ -45,6 +45,7 @@ def one_run(cfg: Config, base: RunStore, name: str) -> dict[str, float]:
         "eval_s": float(curve.get("eval_seconds") or 0.0),
         "start_s": float(curve.get("start_seconds") or 0.0),  # starting the scorer
         "wait_s": float(curve.get("wait_seconds") or 0.0),  # waiting for the last points
+        "noise_floor": float(curve.get("noise_floor") or float("nan")),
     }
 
 
