@@ -138,6 +138,13 @@ def test_noise_floor_draws_the_curves_class_counts() -> None:
     assert math.isnan(noise_floor(rows, labels, 300, [0, 1], seed=0))
     assert math.isnan(noise_floor(rows, labels, 201, [0, 1], seed=0))  # 199 left
     assert math.isnan(noise_floor(rows, labels, 201, None, seed=0))
+    # against the rest of every real image (the drawn rows taken out of the total's
+    # statistics): with the rows as the total, the same as against the other rows
+    total = (rows.mean(0), np.cov(rows, rowvar=False), len(rows))
+    for classes in ([0, 1], None):
+        assert noise_floor(rows, labels, 100, classes, 0, total) == pytest.approx(
+            noise_floor(rows, labels, 100, classes, 0), rel=1e-6, abs=1e-9
+        )
 
 
 def test_converged_needs_a_curve() -> None:

@@ -78,6 +78,8 @@ class CurveScorer:
     ) -> None:  # fmt: skip
         import torch
 
+        import dedt_ray.diffusion.sampling  # noqa: F401 - now, not at the first point
+
         torch.set_num_threads(1)
         self.space, self.real, self.settings = space, real, settings
         self.metric, self.kernel = metric, kernel
@@ -235,12 +237,15 @@ def _fd(feats: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
 
 # -- the factory (driver side) ------------------------------------------------------------------
 def noise_floor(
-    rows: np.ndarray, labels: np.ndarray, samples: int, classes: list[int] | None, seed: int
-) -> float:
+    rows: np.ndarray, labels: np.ndarray, samples: int, classes: list[int] | None, seed: int,
+    total: tuple[np.ndarray, np.ndarray, int] | None = None,
+) -> float:  # fmt: skip
     """What a curve point measures, with real images in place of generated ones: FD of
     `samples` real rows, drawn with the class counts of a point's labels (classes in turn), or
-    at random when unconditional, against the other rows. NaN when a class has too few rows, or
-    fewer than `samples` would be left on the other side."""
+    at random when unconditional, against the other real images: the rest of `total` (mean,
+    covariance, count of every real image, `rows` among them: what a point is measured
+    against), else the other `rows`. NaN when a class has too few rows, or fewer than
+    `samples` would be left on the other side."""
     rng = np.random.default_rng(seed)
     if classes:
         counts = np.bincount(np.arange(samples) % len(classes), minlength=len(classes))
@@ -253,11 +258,22 @@ def noise_floor(
         a = np.concatenate(picked)
     else:
         a = rng.permutation(len(rows))[:samples]
-    rest = np.setdiff1d(np.arange(len(rows)), a)
-    if len(rest) < samples:
+    drawn = FeatureStats().update(rows[a])
+    if total is not None:
+        mean, cov, count = total
+        n, rest = len(a), count - len(a)
+        if rest < samples:
+            return float("nan")
+        # the drawn rows taken out of the total's statistics (Chan et al.'s update, inverted)
+        rest_mean = (count * mean - n * drawn.mean) / rest
+        delta = drawn.mean - rest_mean
+        m2 = (count - 1) * cov - (n - 1) * drawn.cov - np.outer(delta, delta) * n * rest / count
+        return float(frechet_distance(drawn.mean, drawn.cov, rest_mean, m2 / (rest - 1)))
+    others = np.setdiff1d(np.arange(len(rows)), a)
+    if len(others) < samples:
         return float("nan")
-    other = FeatureStats().update(rows[rest])
-    return _fd(rows[a], other.mean, other.cov)
+    other = FeatureStats().update(rows[others])
+    return float(frechet_distance(drawn.mean, drawn.cov, other.mean, other.cov))
 
 
 def real_side(
@@ -287,7 +303,8 @@ def real_side(
         buf = io.BytesIO()
         np.savez(buf, mean=mean, cov=cov, subset=subset, labels=labels, count=count)
         store.write_bytes(buf.getvalue(), CACHE, name)
-    floor = noise_floor(subset, labels, cfg.train.eval_samples, classes, ev.seed)
+    floor = noise_floor(subset, labels, cfg.train.eval_samples, classes, ev.seed,
+                        total=(mean, cov, int(count)))  # fmt: skip
     return RealSide(mean, cov, subset, int(count), floor)
 
 
@@ -317,8 +334,12 @@ def make_scorer(
         "_ray", f"{name}-curve.json") else []  # fmt: skip
     store.fs.create_dir(posixpath.dirname(store.path("_ray", "x")), recursive=True)
     actor = ray.remote(CurveScorer).options(num_cpus=0, num_gpus=gpus, max_concurrency=2)
-    return actor.remote(
+    scorer = actor.remote(
         space, real, CurveSettings.from_config(cfg), space.metric, space.kernel,
         model_cfg or cfg.model.model_dump(mode="json"), spec, classes, parts, assemble,
         log_path, points, "cuda" if gpus > 0 else "cpu",
     )  # fmt: skip
+    # ready before training starts: a process that starts beside a busy trainer can take
+    # minutes on shared cores (its OpenMP threads spin), and a broken scorer fails here
+    ray.get(scorer.status.remote())
+    return scorer
