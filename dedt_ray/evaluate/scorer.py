@@ -244,7 +244,7 @@ def noise_floor(
     `samples` real rows, drawn with the class counts of a point's labels (classes in turn), or
     at random when unconditional, against the other real images: the rest of `total` (mean,
     covariance, count of every real image, `rows` among them: what a point is measured
-    against), else the other `rows`. NaN when a class has too few rows, or fewer than
+    against; default: `rows` themselves). NaN when a class has too few rows, or fewer than
     `samples` would be left on the other side."""
     rng = np.random.default_rng(seed)
     if classes:
@@ -258,22 +258,19 @@ def noise_floor(
         a = np.concatenate(picked)
     else:
         a = rng.permutation(len(rows))[:samples]
-    drawn = FeatureStats().update(rows[a])
-    if total is not None:
-        mean, cov, count = total
-        n, rest = len(a), count - len(a)
-        if rest < samples:
-            return float("nan")
-        # the drawn rows taken out of the total's statistics (Chan et al.'s update, inverted)
-        rest_mean = (count * mean - n * drawn.mean) / rest
-        delta = drawn.mean - rest_mean
-        m2 = (count - 1) * cov - (n - 1) * drawn.cov - np.outer(delta, delta) * n * rest / count
-        return float(frechet_distance(drawn.mean, drawn.cov, rest_mean, m2 / (rest - 1)))
-    others = np.setdiff1d(np.arange(len(rows)), a)
-    if len(others) < samples:
+    if total is None:
+        every = FeatureStats().update(rows)
+        total = (every.mean, every.cov, every.count)
+    mean, cov, count = total
+    n, rest = len(a), count - len(a)
+    if rest < samples:
         return float("nan")
-    other = FeatureStats().update(rows[others])
-    return float(frechet_distance(drawn.mean, drawn.cov, other.mean, other.cov))
+    # the drawn rows taken out of the total's statistics (Chan et al.'s update, inverted)
+    drawn = FeatureStats().update(rows[a])
+    rest_mean = (count * mean - n * drawn.mean) / rest
+    delta = drawn.mean - rest_mean
+    m2 = (count - 1) * cov - (n - 1) * drawn.cov - np.outer(delta, delta) * n * rest / count
+    return float(frechet_distance(drawn.mean, drawn.cov, rest_mean, m2 / (rest - 1)))
 
 
 def real_side(
