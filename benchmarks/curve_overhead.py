@@ -3,9 +3,10 @@
 The config's study settings (default `configs/study_digits.yaml`: full data, its model, batch,
 curve settings), `--steps` steps each, `--rounds` rounds in alternating order. The feature
 classifier and the real-feature cache are prepared first, once (a study shares them), and timed
-apart. Printed: the train stage's wall seconds (start-up, training, waiting for the last
-scores) and the training loop's own wall seconds, each with and without the curve, and their
-ratios (goal: <= 1.15).
+apart, and an untimed 20-step run first pays for what the first run in a process pays once (Ray
+Data's start). Printed: the train stage's wall seconds (start-up, training, waiting for the
+last scores) and the training loop's own wall seconds, each with and without the curve, and
+their ratios (goal: <= 1.15).
 
     flock /tmp/dedt-heavy.lock python benchmarks/curve_overhead.py [--steps 600] [key=value ...]
 """
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     prepare_shared(with_curve, base)
     shared_s = time.perf_counter() - started
+    warm_up = load_config(args.config, [*fixed, "train.eval_every=null", "train.steps=20"])
+    one_run(warm_up, base, "warm-up")
 
     runs: dict[str, list[dict[str, float]]] = {"curve": [], "plain": []}
     for r in range(args.rounds):

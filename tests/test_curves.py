@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -196,15 +197,10 @@ def test_curve_points_along_training_and_converged_stop(ray_cluster, tmp_path):
     assert "stopped early" in stopped["summary"] and stopped["curve"]["points"] >= 3
 
 
-def test_composite_point_a_part_never_reached_is_scored_with_its_final_weights(one_thread):
-    """A routed model's parts end at different steps (InfoBatch epochs): part 1 stops after
-    step 4, part 0 goes on to 8. At `finish` the step-8 point is scored with part 1's final
-    (step-4) weights, and its compute is what both parts really spent."""
-    import torch
-
+def toy_scorer(classes: list[int], parts: int = 1, in_turn: bool = False):
+    """A CurveScorer over a toy classifier space, 8-px grey images of 2 classes, tiny UNet."""
     from dedt_ray.config import ModelConfig
-    from dedt_ray.diffusion.job import ScratchModel
-    from dedt_ray.diffusion.models import ModelSpec, build_unet
+    from dedt_ray.diffusion.models import ModelSpec
     from dedt_ray.evaluate.classifier import to_bytes, train_classifier
     from dedt_ray.evaluate.features import FeatureSpace
     from dedt_ray.evaluate.scorer import CurveScorer, CurveSettings, RealSide
@@ -222,9 +218,62 @@ def test_composite_point_a_part_never_reached_is_scored_with_its_final_weights(o
     spec = ModelSpec(8, 1, 2)
     scorer = CurveScorer(
         space, real, CurveSettings(samples=8, steps=2, patience=2), "FD_toy", "KD_toy",
-        model_cfg.model_dump(mode="json"), spec.to_dict(), [0, 1], parts=2,
-        assemble=lambda models: models[0],
+        model_cfg.model_dump(mode="json"), spec.to_dict(), classes, parts=parts,
+        assemble=lambda models: models[0], in_turn=in_turn,
     )  # fmt: skip
+    return scorer, model_cfg, spec
+
+
+def test_scorer_that_cannot_sample_fails_at_start(one_thread):
+    """The scorer samples and scores a scratch model when it starts (before training): a class
+    the model has no embedding for fails there, not at the first point mid-training."""
+    with pytest.raises(IndexError):
+        toy_scorer(classes=[0, 7])
+
+
+def test_points_are_scored_in_turn_only_when_the_trainer_fills_the_cores():
+    import os
+
+    from dedt_ray.evaluate.scorer import scoring_threads
+
+    cores = len(os.sched_getaffinity(0))
+    local = ["train.num_workers=0"]
+    assert scoring_threads(load_config(None, local), 0.0) == (True, cores)  # all threads
+    assert scoring_threads(load_config(None, [*local, f"train.threads_per_worker={cores}"]),
+                           0.0) == (True, cores)  # fmt: skip
+    assert scoring_threads(load_config(None, local), 0.5) == (False, 1)  # a GPU of its own
+    assert scoring_threads(load_config(None, ["train.num_workers=1"]), 0.0) == (False, 1)
+    if cores > 1:  # a trainer of one thread leaves the other cores to the scorer
+        one = load_config(None, [*local, "train.threads_per_worker=1"])
+        assert scoring_threads(one, 0.0) == (False, cores - 1)
+
+
+def test_scorer_in_turn_returns_once_the_point_is_scored(one_thread):
+    """In turn (an in-process CPU trainer sharing the scorer's cores), `submit` returns only
+    when the point is scored, or held for a composite model's other parts."""
+    from dedt_ray.diffusion.job import ScratchModel
+    from dedt_ray.diffusion.models import build_unet
+
+    scorer, model_cfg, spec = toy_scorer(classes=[0, 1], parts=2, in_turn=True)
+    weights = build_unet(model_cfg, spec).state_dict()
+    point = {"step": 4, "images_seen": 32, "flops": 40.0, "wall_s": 1.0}
+    scorer.submit(point, weights, ScratchModel(), 0)
+    held = scorer.status()
+    assert held["in_turn"] and held["points"] == 0  # step 4 waits for part 1
+    scorer.submit(point, weights, ScratchModel(), 1)
+    assert scorer.status()["points"] == 1
+
+
+def test_composite_point_a_part_never_reached_is_scored_with_its_final_weights(one_thread):
+    """A routed model's parts end at different steps (InfoBatch epochs): part 1 stops after
+    step 4, part 0 goes on to 8. At `finish` the step-8 point is scored with part 1's final
+    (step-4) weights, and its compute is what both parts really spent."""
+    import torch
+
+    from dedt_ray.diffusion.job import ScratchModel
+    from dedt_ray.diffusion.models import build_unet
+
+    scorer, model_cfg, spec = toy_scorer(classes=[0, 1], parts=2)
     torch.manual_seed(0)
     weights = build_unet(model_cfg, spec).state_dict()
 
@@ -235,7 +284,10 @@ def test_composite_point_a_part_never_reached_is_scored_with_its_final_weights(o
     submit(0, 4)
     submit(1, 4)
     submit(0, 8)  # part 1 never reaches step 8
-    assert scorer.status()["points"] == 1
+    deadline = time.monotonic() + 60
+    while scorer.status()["points"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scorer.status()["points"] == 1  # step 8 is held for part 1
     points = scorer.finish([4, 8], timeout=60)
     assert [p["step"] for p in points] == [4, 8]
     assert [p["train_flops"] for p in points] == [40.0 + 40.0, 80.0 + 40.0]

@@ -143,6 +143,7 @@ class Training:
     resumed_at: list[int] = field(default_factory=list)
     stopped: str | None = None  # why training ended before train.steps (train.until)
     curve_steps: list[int] = field(default_factory=list)  # steps sent to the curve scorer
+    curve_in_turn: bool | None = None  # the scorer's answer at the first submission
 
 
 def build_training(job: TrainJob, shard: Shard, worker: WorkerInfo, rank: int) -> Training:
@@ -320,7 +321,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 # -- quality along training ---------------------------------------------------------------
 def submit_curve(job: TrainJob, run: Training, window: Window) -> None:
-    """Rank 0: the EMA weights at this step to the curve scorer, without waiting."""
+    """Rank 0: the EMA weights at this step to the curve scorer. The first submission asks
+    whether it scores in turn: when it shares this trainer's CPU cores, each point is scored
+    before training goes on; otherwise training goes on at once."""
     assert job.curve is not None and run.ema is not None
     weights = {k: v.detach().cpu().clone() for k, v in run.unet.state_dict().items()}
     for (name, _), shadow in zip(run.unet.named_parameters(), run.ema.shadow_params, strict=True):
@@ -332,8 +335,13 @@ def submit_curve(job: TrainJob, run: Training, window: Window) -> None:
         "offset": job.curve.flops_offset,
         "wall_s": run.wall + time.perf_counter() - window.start,
     }
-    job.curve.scorer.submit.remote(point, weights, job.source, job.curve.key)
+    scorer = job.curve.scorer
+    scored = scorer.submit.remote(point, weights, job.source, job.curve.key)
     run.curve_steps.append(run.step)
+    if run.curve_in_turn is None:
+        run.curve_in_turn = bool(ray.get(scorer.status.remote())["in_turn"])
+    if run.curve_in_turn:
+        ray.get(scored)
 
 
 def curve_step(

@@ -6,10 +6,12 @@ features once per run (cached under `<run>/curve/`), measures the noise floor (r
 place of generated ones, at the curve's sample count), and starts a `CurveScorer` actor. Rank 0
 of the trainer calls `submit` every `train.eval_every` steps without waiting: the actor samples
 `train.eval_samples` images (DDIM, `train.eval_steps` steps) and measures the Frechet and
-kernel distances while the workers go on. `status` answers at once (the actor runs two calls at
-a time) whether the curve has flattened (`curves.convergence`); `finish` waits for the pending
-scores and returns the points. A point is also appended to `<run>/_ray/<name>-curve.json`, so a
-resumed run keeps its earlier points.
+kernel distances while the workers go on: `submit` queues the point for the actor's one scoring
+thread and returns, so points are scored in turn and `status` answers at once whether the curve
+has flattened (`curves.convergence`); `finish` waits for the pending scores and returns the
+points. The actor warms up (a scratch model sampled and scored) before training starts, so the
+first points do not pay for first-call work beside a busy trainer. A point is also appended to
+`<run>/_ray/<name>-curve.json`, so a resumed run keeps its earlier points.
 
 Composite models (TDC: one model per timestep group) send one submission per part (`key`); a
 point is scored when every part has sent that step, from `assemble(parts)`.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -74,13 +78,15 @@ class CurveScorer:
         self, space: FeatureSpace, real: RealSide, settings: CurveSettings, metric: str,
         kernel: str, model_cfg: dict, spec: dict, classes: list[int] | None, parts: int = 1,
         assemble: Callable[[list[Any]], Any] | None = None, log_path: str | None = None,
-        points: list[dict] | None = None, device: str = "cpu",
+        points: list[dict] | None = None, device: str = "cpu", threads: int = 1,
+        in_turn: bool = False,
     ) -> None:  # fmt: skip
         import torch
 
         import dedt_ray.diffusion.sampling  # noqa: F401 - now, not at the first point
 
-        torch.set_num_threads(1)
+        self.threads, self.in_turn = threads, in_turn
+        torch.set_num_threads(threads)
         self.space, self.real, self.settings = space, real, settings
         self.metric, self.kernel = metric, kernel
         self.model_cfg, self.spec, self.classes = model_cfg, spec, classes
@@ -90,28 +96,45 @@ class CurveScorer:
         self._points: list[dict] = list(points or [])
         self._pending: dict[int, dict[int, tuple[dict, dict, Any]]] = {}
         self._latest: dict[int, tuple[dict, dict, Any]] = {}  # each part's newest submission
-        self._busy = 0
+        self._busy = 0  # points queued or being scored
         self._errors: list[str] = []
         self._lock = threading.Condition()
+        self._warm_up()
+        self._queue: queue.Queue[tuple[int, list, dict]] = queue.Queue()
+        threading.Thread(target=self._score_queued, daemon=True, name="curve-scorer").start()
 
     # -- calls ---------------------------------------------------------------------------
     def submit(self, point: dict, weights: dict, source: Any, key: int = 0) -> None:
-        """Score the weights at `point["step"]` (or hold them until every part has come)."""
+        """Queue the weights at `point["step"]` for scoring (or hold them until every part has
+        come) and return."""
         with self._lock:
-            self._busy += 1
             step = int(point["step"])
             parts = self._pending.setdefault(step, {})
             parts[key] = (point, weights, source)
             if key not in self._latest or self._latest[key][0]["step"] <= step:
                 self._latest[key] = parts[key]
-            ready = len(parts) == self.parts
-            if ready:
+            if len(parts) == self.parts:
                 del self._pending[step]
-        if ready:
-            self._score_point(step, [parts[k] for k in sorted(parts)], point)
-        with self._lock:
-            self._busy -= 1
-            self._lock.notify_all()
+                self._enqueue(step, parts, point)
+            while self.in_turn and self._busy:  # scored before the trainer goes on
+                self._lock.wait()
+
+    def _enqueue(self, step: int, parts: dict[int, tuple[dict, dict, Any]], head: dict) -> None:
+        self._busy += 1  # under the lock
+        self._queue.put((step, [parts[k] for k in sorted(parts)], head))
+
+    def _score_queued(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)  # a thread's own setting under OpenMP
+        while True:
+            step, parts, head = self._queue.get()
+            try:
+                self._score_point(step, parts, head)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._lock.notify_all()
 
     def _score_point(self, step: int, parts: list[tuple[dict, dict, Any]], head: dict) -> None:
         try:
@@ -132,24 +155,21 @@ class CurveScorer:
         sigma = self.noise(points)
         stop, why = convergence([p[self.metric] for p in points], sigma, self.settings.patience)
         return {"stop": stop, "why": why, "noise": sigma, "points": len(points),
-                "metric": self.metric, "kernel": self.kernel}  # fmt: skip
+                "metric": self.metric, "kernel": self.kernel, "in_turn": self.in_turn}  # fmt: skip
 
     def finish(self, steps: list[int], timeout: float = 900.0) -> list[dict]:
         """Every point, once the points of `steps` (what the trainer submitted) are scored.
         Training is over, so a composite step some parts never reached (their epoch budget
         ended sooner) is scored with those parts' final weights, as the model then was."""
         with self._lock:
-            held = sorted(self._pending.items())
+            for step, parts in sorted(self._pending.items()):
+                head = next(iter(parts.values()))[0]  # a part that did reach this step
+                for key, newest in self._latest.items():
+                    parts.setdefault(key, newest)
+                self._enqueue(step, parts, head)
             self._pending.clear()
-            self._busy += 1
-        for step, parts in held:
-            head = next(iter(parts.values()))[0]  # a part that did reach this step
-            for key, newest in self._latest.items():
-                parts.setdefault(key, newest)
-            self._score_point(step, [parts[k] for k in sorted(parts)], head)
         deadline = time.monotonic() + timeout
         with self._lock:
-            self._busy -= 1
             while not self._done(steps) and time.monotonic() < deadline:
                 self._lock.wait(timeout=1.0)
             if not self._done(steps):
@@ -170,6 +190,35 @@ class CurveScorer:
                      [p[f"{self.metric}_half_b"] for p in points])  # fmt: skip
 
     # -- scoring -------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Sample and score a few images from a scratch model, so that imports, first-call
+        kernels and the feature extractor's first run happen now; a broken setup fails here."""
+        from dedt_ray.config import ModelConfig
+        from dedt_ray.diffusion.models import ModelSpec, build_unet
+
+        cfg = ModelConfig.model_validate(self.model_cfg)
+        spec = ModelSpec(**{k: v for k, v in self.spec.items() if k != "null_class"})
+        model = build_unet(cfg, spec).to(self.device).eval()
+        self._sample_and_measure(model, samples=4, steps=2)
+
+    def _sample_and_measure(self, model: Any, samples: int, steps: int) -> dict[str, float]:
+        import torch
+
+        from dedt_ray.config import ModelConfig
+        from dedt_ray.diffusion.models import build_noise_scheduler, sampling_scheduler
+        from dedt_ray.diffusion.sampling import generate
+
+        scheduler = sampling_scheduler(
+            build_noise_scheduler(ModelConfig.model_validate(self.model_cfg)), "ddim"
+        )
+        labels = None
+        if self.classes:
+            labels = [self.classes[i % len(self.classes)] for i in range(samples)]
+        gen = torch.Generator().manual_seed(self.settings.seed)
+        with torch.no_grad():
+            images = generate(model, scheduler, labels, steps, 1.0, gen, num_samples=samples)
+        return self._distances(self.extract(images).astype(np.float64))
+
     def _model(self, parts: list[tuple[dict, dict, Any]]) -> Any:
         from dedt_ray.config import ModelConfig
         from dedt_ray.diffusion.models import ModelSpec
@@ -184,27 +233,11 @@ class CurveScorer:
         return self.assemble(models) if self.assemble is not None else models[0]
 
     def _score(self, parts: list[tuple[dict, dict, Any]], head: dict) -> dict[str, Any]:
-        import torch
-
-        from dedt_ray.config import ModelConfig
-        from dedt_ray.diffusion.models import build_noise_scheduler, sampling_scheduler
-        from dedt_ray.diffusion.sampling import generate
-
         started, s = time.perf_counter(), self.settings
-        model = self._model(parts)
-        scheduler = sampling_scheduler(
-            build_noise_scheduler(ModelConfig.model_validate(self.model_cfg)), "ddim"
-        )
-        labels = None
-        if self.classes:
-            labels = [self.classes[i % len(self.classes)] for i in range(s.samples)]
-        gen = torch.Generator().manual_seed(s.seed)
-        with torch.no_grad():
-            images = generate(model, scheduler, labels, s.steps, 1.0, gen, num_samples=s.samples)
-        feats = self.extract(images).astype(np.float64)
+        distances = self._sample_and_measure(self._model(parts), s.samples, s.steps)
         point = {k: v for k, v in head.items() if k not in ("flops", "offset")}
         point["train_flops"] = sum(p[0]["flops"] for p in parts) + parts[0][0].get("offset", 0)
-        point.update(self._distances(feats), eval_seconds=time.perf_counter() - started)
+        point.update(distances, eval_seconds=time.perf_counter() - started)
         point["noise_floor"] = self.real.noise_floor
         return point
 
@@ -305,6 +338,22 @@ def real_side(
     return RealSide(mean, cov, subset, int(count), floor)
 
 
+def scoring_threads(cfg: Config, gpus: float) -> tuple[bool, int]:
+    """(in turn, the scorer's torch threads). An in-process trainer on CPU whose threads fill
+    the cores (`train.threads_per_worker`, default all) leaves nothing to overlap: a point's
+    sampling beside its spinning OpenMP threads slows the trainer more than the point costs, so
+    points are scored in turn, with the trainer's threads; otherwise the scorer goes on beside
+    the trainer, on the cores it leaves (one thread beside Ray Train workers or on a GPU)."""
+    if cfg.train.num_workers != 0 or gpus > 0:
+        return False, 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    trainer = cfg.train.threads_per_worker or cores
+    if trainer >= cores:
+        return True, trainer
+    return False, cores - trainer
+
+
 def make_scorer(
     cfg: Config,
     store: RunStore,
@@ -330,13 +379,21 @@ def make_scorer(
     points = store.read_json("_ray", f"{name}-curve.json") if store.exists(
         "_ray", f"{name}-curve.json") else []  # fmt: skip
     store.fs.create_dir(posixpath.dirname(store.path("_ray", "x")), recursive=True)
-    actor = ray.remote(CurveScorer).options(num_cpus=0, num_gpus=gpus, max_concurrency=2)
+    options: dict[str, Any] = {"num_cpus": 0, "num_gpus": gpus, "max_concurrency": 2}
+    in_turn, threads = scoring_threads(cfg, gpus)
+    in_driver = ray.get_runtime_context().get_task_id() is None
+    if cfg.train.num_workers == 0 and not in_turn and in_driver:
+        # beside a trainer in this driver: the scorer at the driver's priority, not at Ray
+        # workers' default niceness (15), where it is starved until training ends
+        options["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(os.nice(0))}}
+    actor = ray.remote(CurveScorer).options(**options)
     scorer = actor.remote(
         space, real, CurveSettings.from_config(cfg), space.metric, space.kernel,
         model_cfg or cfg.model.model_dump(mode="json"), spec, classes, parts, assemble,
-        log_path, points, "cuda" if gpus > 0 else "cpu",
+        log_path, points, "cuda" if gpus > 0 else "cpu", threads, in_turn,
     )  # fmt: skip
-    # ready before training starts: a process that starts beside a busy trainer can take
-    # minutes on shared cores (its OpenMP threads spin), and a broken scorer fails here
+    # ready (imports done, a warm-up point scored) before training starts: its start beside a
+    # CPU trainer's spinning threads slows the trainer more than it waits here; a scorer that
+    # cannot start fails here
     ray.get(scorer.status.remote())
     return scorer
