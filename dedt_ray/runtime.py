@@ -114,6 +114,12 @@ def set_progress(enabled: bool) -> None:
     ctx.enable_progress_bar_name_truncation = False
 
 
+def local_cores() -> int:
+    """The CPU cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def cluster_gpus() -> float:
     """GPUs the connected cluster has in total."""
     return float(ray.cluster_resources().get("GPU", 0.0))

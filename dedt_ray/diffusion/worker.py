@@ -36,6 +36,7 @@ from dedt_ray.diffusion.job import TrainJob, TrainLoss, WorkerInfo
 from dedt_ray.diffusion.models import build_noise_scheduler
 from dedt_ray.diffusion.state import checkpoint_dirs, load_state, save_state
 from dedt_ray.diffusion.stream import IndexStream
+from dedt_ray.runtime import local_cores
 
 log = logging.getLogger("dedt_ray")
 
@@ -527,8 +528,7 @@ def _set_threads(tc: TrainConfig, local_world: int, local: bool) -> None:
     if tc.threads_per_worker is not None:
         torch.set_num_threads(tc.threads_per_worker)
     elif not local:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cpus or 1) // max(1, local_world)))
+        torch.set_num_threads(max(1, local_cores() // max(1, local_world)))
 
 
 def _maybe_fail(tc: TrainConfig, step: int, rank: int) -> None:

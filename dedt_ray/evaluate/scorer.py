@@ -4,7 +4,8 @@
 which the pipeline fills) resolves the evaluate stage's feature space, computes the real
 features once per run (cached under `<run>/curve/`), measures the noise floor (real images in
 place of generated ones, at the curve's sample count), and starts a `CurveScorer` actor. Rank 0
-of the trainer calls `submit` every `train.eval_every` steps without waiting: the actor samples
+of the trainer calls `submit` every `train.eval_every` steps (waiting only where the points
+are scored in turn: `scoring_threads`): the actor samples
 `train.eval_samples` images (DDIM, `train.eval_steps` steps) and measures the Frechet and
 kernel distances while the workers go on: `submit` queues the point for the actor's one scoring
 thread and returns, so points are scored in turn and `status` answers at once whether the curve
@@ -84,12 +85,17 @@ class CurveScorer:
         import torch
 
         import dedt_ray.diffusion.sampling  # noqa: F401 - now, not at the first point
+        from dedt_ray.config import ModelConfig
+        from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler, sampling_scheduler
 
         self.threads, self.in_turn = threads, in_turn
         torch.set_num_threads(threads)
         self.space, self.real, self.settings = space, real, settings
         self.metric, self.kernel = metric, kernel
         self.model_cfg, self.spec, self.classes = model_cfg, spec, classes
+        self._cfg = ModelConfig.model_validate(model_cfg)
+        self._spec = ModelSpec(**{k: v for k, v in spec.items() if k != "null_class"})
+        self._scheduler = sampling_scheduler(build_noise_scheduler(self._cfg), "ddim")
         self.parts, self.assemble, self.device = parts, assemble, device
         self.log_path = log_path
         self.extract = FeatureExtractor(space, device)
@@ -193,41 +199,28 @@ class CurveScorer:
     def _warm_up(self) -> None:
         """Sample and score a few images from a scratch model, so that imports, first-call
         kernels and the feature extractor's first run happen now; a broken setup fails here."""
-        from dedt_ray.config import ModelConfig
-        from dedt_ray.diffusion.models import ModelSpec, build_unet
+        from dedt_ray.diffusion.models import build_unet
 
-        cfg = ModelConfig.model_validate(self.model_cfg)
-        spec = ModelSpec(**{k: v for k, v in self.spec.items() if k != "null_class"})
-        model = build_unet(cfg, spec).to(self.device).eval()
+        model = build_unet(self._cfg, self._spec).to(self.device).eval()
         self._sample_and_measure(model, samples=4, steps=2)
 
     def _sample_and_measure(self, model: Any, samples: int, steps: int) -> dict[str, float]:
         import torch
 
-        from dedt_ray.config import ModelConfig
-        from dedt_ray.diffusion.models import build_noise_scheduler, sampling_scheduler
         from dedt_ray.diffusion.sampling import generate
 
-        scheduler = sampling_scheduler(
-            build_noise_scheduler(ModelConfig.model_validate(self.model_cfg)), "ddim"
-        )
         labels = None
         if self.classes:
             labels = [self.classes[i % len(self.classes)] for i in range(samples)]
         gen = torch.Generator().manual_seed(self.settings.seed)
         with torch.no_grad():
-            images = generate(model, scheduler, labels, steps, 1.0, gen, num_samples=samples)
+            images = generate(model, self._scheduler, labels, steps, 1.0, gen, num_samples=samples)
         return self._distances(self.extract(images).astype(np.float64))
 
     def _model(self, parts: list[tuple[dict, dict, Any]]) -> Any:
-        from dedt_ray.config import ModelConfig
-        from dedt_ray.diffusion.models import ModelSpec
-
-        cfg = ModelConfig.model_validate(self.model_cfg)
-        spec = ModelSpec(**{k: v for k, v in self.spec.items() if k != "null_class"})
         models = []
         for _, weights, source in parts:
-            model = source.build(cfg, spec)
+            model = source.build(self._cfg, self._spec)
             model.load_state_dict(weights)
             models.append(model.to(self.device).eval())
         return self.assemble(models) if self.assemble is not None else models[0]
@@ -346,8 +339,9 @@ def scoring_threads(cfg: Config, gpus: float) -> tuple[bool, int]:
     the trainer, on the cores it leaves (one thread beside Ray Train workers or on a GPU)."""
     if cfg.train.num_workers != 0 or gpus > 0:
         return False, 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    from dedt_ray.runtime import local_cores
+
+    cores = local_cores()
     trainer = cfg.train.threads_per_worker or cores
     if trainer >= cores:
         return True, trainer
