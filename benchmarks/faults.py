@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,9 @@ def node_loss(run_dir: str, cluster: Any, rows: int = 600) -> dict:
 
 
 # -- driver: the job's driver killed mid-pipeline -----------------------------------------
-def pipeline_command(run_dir: str, steps: int, every: int) -> list[str]:
+def pipeline_command(
+    run_dir: str, steps: int, every: int, overrides: Sequence[str] = ()
+) -> list[str]:
     """`python jobs/full_pipeline.py` on the default config with tiny overrides."""
     return [
         sys.executable,
@@ -222,6 +225,7 @@ def pipeline_command(run_dir: str, steps: int, every: int) -> list[str]:
         f"train.steps={steps}",
         f"train.checkpoint_every={every}",
         "train.log_every=1",
+        *overrides,
     ]
 
 
@@ -245,10 +249,12 @@ def driver_kill(
     kill_at: int = 15,
     env: dict | None = None,
     timeout: int = 900,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Run the pipeline job; SIGKILL its driver once training has checkpointed and the
-    driver has logged step `kill_at`; run the same command again."""
-    cmd = pipeline_command(run_dir, steps, every)
+    driver has logged step `kill_at`; run the same command again. `overrides`: more config
+    (`train.num_workers=0`: training in the driver itself, as `configs/default.yaml` has it)."""
+    cmd = pipeline_command(run_dir, steps, every, overrides)
     env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

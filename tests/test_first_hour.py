@@ -388,7 +388,7 @@ TINY_TRAIN = [
     "model.norm_num_groups=4", "model.attention_head_dim=4", "model.mid_attention=false",
     "model.attention_levels=[false,false]", "train.steps=6", "train.batch_size=8",
     "train.warmup_steps=0", "train.log_every=2", "train.checkpoint_every=2",
-    "train.keep_checkpoints=3", "train.threads_per_worker=1", "train.num_workers=1",
+    "train.keep_checkpoints=3", "train.threads_per_worker=1", "train.num_workers=0",
     "train.use_gpu=false", "train.tracking=[tensorboard,mlflow]", "select.enabled=false",
     "reweight.enabled=false",
 ]  # fmt: skip
@@ -396,9 +396,10 @@ TINY_TRAIN = [
 
 @pytest.mark.slow
 def test_truncated_checkpoint_falls_back_and_force_starts_clean(ray_cluster, tmp_path, caplog):
-    """Items 4, 5, 11, 14 on a real run: resume past a truncated checkpoint, --force discards
-    the in-progress state, the manifest records the export's checksums, the card has the
-    training sections, and the reports reached TensorBoard and MLflow while it trained."""
+    """Items 4, 5, 11, 14 on a real in-process run (the default config's): resume past a
+    truncated checkpoint, --force discards the in-progress state, the manifest records the
+    export's checksums, the card has the training sections, and the history reached
+    TensorBoard and MLflow (from Ray Train workers while they train: test_train_ray.py)."""
     from dedt_ray.diffusion.state import checkpoint_dirs
     from dedt_ray.pipeline import run_stage
     from dedt_ray.store import RAY_STATE

@@ -153,14 +153,16 @@ def test_infobatch_trains_fewer_steps_and_resumes_exactly(ray_cluster, tmp_path)
     points = pq.read_table(store.path("train", "curve.parquet")).to_pylist()
     assert points[-1]["step"] == pruned["steps"]
     assert points[-1]["train_flops"] == pruned["flops"]
-    # a crash mid-run resumes from the checkpoint: the same steps and loss as uninterrupted
+    # a crash mid-run, rerun, resumes from the checkpoint: the same steps and loss as
+    # uninterrupted (in-process: the pruning state travels in the loop's own checkpoints)
     flag = tmp_path / "fail.flag"
     flag.write_text("x")
-    crash = [*on, "train.num_workers=1", "train.max_failures=1", "train.fail_at_step=6",
-             f"train.fail_flag={flag}"]  # fmt: skip
-    resumed = run_stage("train", load_config(None, crash), RunStore(str(tmp_path / "crash")))
-    straight = [*on, "train.num_workers=1"]
-    again = run_stage("train", load_config(None, straight), RunStore(str(tmp_path / "again")))
+    crash = load_config(None, [*on, "train.fail_at_step=6", f"train.fail_flag={flag}"])
+    crashed = RunStore(str(tmp_path / "crash"))
+    with pytest.raises(Exception, match="injected failure"):
+        run_stage("train", crash, crashed)
+    resumed = run_stage("train", crash, crashed)
+    again = run_stage("train", load_config(None, on), RunStore(str(tmp_path / "again")))
     assert resumed["resumed_at"] == [4] and not flag.exists()
     assert resumed["steps"] == again["steps"]
     assert resumed["final_loss"] == pytest.approx(again["final_loss"], rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -70,7 +71,8 @@ def test_local_mode_trains_and_exports(local_run):
     assert {"loss", "lr", "images_seen", "flops", "wall", "images_per_s"} <= set(history[0])
     assert history[-1]["images_seen"] == 48 and history[-1]["wall"] > 0
     assert not store.exists("_ray", f"train-{store.read_json('train', 'run.json')['key']}")
-    assert store.list("train", "checkpoints") == ["checkpoint_00000006"]
+    # written as they were made, the newest train.keep_checkpoints (2) kept, as Ray Train does
+    assert store.list("train", "checkpoints") == ["checkpoint_00000003", "checkpoint_00000006"]
 
 
 def test_sample_cli_writes_grid_and_npz(local_run, tmp_path):
@@ -121,6 +123,7 @@ def test_two_worker_ddp_resumes_after_injected_failure(ray_cluster, tmp_path):
         "train.max_failures=1",
         "train.fail_at_step=3",
         f"train.fail_flag={flag}",
+        "train.tracking=[tensorboard,mlflow]",
     )
     assert not flag.exists()  # the failure happened
     assert manifest["steps"] == steps and manifest["resumed_at"] == [2]  # the last checkpoint
@@ -149,14 +152,22 @@ def test_two_worker_ddp_resumes_after_injected_failure(ray_cluster, tmp_path):
         torch.equal(p, e) for p, e in zip(params, state["ema"]["shadow_params"], strict=True)
     )
     assert not all(torch.equal(p, state["model"][n]) for n, p in exported.named_parameters())
+    # the workers' reports reached TensorBoard and MLflow while it trained (the driver's
+    # callback), each step once across the restart
+    from test_first_hour import check_mlflow, read_tensorboard
+
+    scalars = read_tensorboard(Path(store.path("tensorboard", "train")))
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, steps + 1))
+    check_mlflow(f"sqlite:///{store.path('mlruns', 'mlflow.db')}", "run", "train",
+                 list(range(1, steps + 1)))  # fmt: skip
 
 
-@pytest.mark.slow
-def test_rerun_resumes_a_crashed_stage(ray_cluster, tmp_path):
+def test_rerun_resumes_a_crashed_in_process_stage(ray_cluster, tmp_path):
+    """In-process training (the default config's) persists its checkpoints itself: a rerun
+    of the crashed stage resumes from the last one (Ray Train's workers: the DDP test)."""
     flag = tmp_path / "fail.flag"
     flag.write_text("x")
     args = [
-        "train.num_workers=1",
         "train.steps=6",
         "train.checkpoint_every=2",
         "train.fail_at_step=4",
@@ -168,6 +179,8 @@ def test_rerun_resumes_a_crashed_stage(ray_cluster, tmp_path):
     assert store.manifest("train") is None
     _, _, manifest = train(tmp_path, *args, store=store)
     assert manifest["resumed_at"] == [2] and manifest["steps"] == 6
+    history = pq.read_table(store.path("train", "metrics.parquet")).column("step").to_pylist()
+    assert history == [2, 4, 6]  # each logged step once
 
 
 def test_latent_mode_round_trip(ray_cluster, tmp_path, tiny_vae):

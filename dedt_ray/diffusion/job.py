@@ -154,6 +154,9 @@ class TrainJob:
     t_range: tuple[int, int] | None = None  # train only on timesteps in [t_lo, t_hi)
     curve: CurveHook | None = None  # quality along training (not part of the resume key)
     local: bool = False  # ScalingConfig(num_workers=0): in the driver process
+    # local mode: the URI of the run's checkpoint folder (`<run>/_ray/<name>`), which the loop
+    # writes and resumes from itself (Ray Train's local mode persists no checkpoint)
+    checkpoints: str | None = None
     use_gpu: bool = False
 
     @property

@@ -14,6 +14,7 @@ a run is in progress, so rerunning a crashed stage with the same key resumes it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -299,6 +300,8 @@ def fit(
 
     tc = cfg.train
     run_name = ray_run_name(out, job.fingerprint)
+    if job.local:  # the loop writes its checkpoints where Ray Train's workers would
+        job = dataclasses.replace(job, checkpoints=store.uri(store.path(RAY_STATE, run_name)))
     resuming = store.exists(RAY_STATE, run_name)
     if resuming:
         warn_damaged_checkpoints(store, run_name)
@@ -330,10 +333,7 @@ def fit(
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = load_state(directory)
-    if job.local:  # the newest in-process checkpoint joins the Ray storage layout
-        dest = store.path(RAY_STATE, run_name, f"checkpoint_{state['step']:08d}")
-        store.fs.create_dir(dest, recursive=True)
-        pafs.copy_files(result.checkpoint.path, dest, destination_filesystem=store.fs)
+    if job.local:  # persisted by the loop already (`job.checkpoints`)
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
         replay(trackers, state["history"])  # no callbacks run in-process
     return dict(result.metrics or {}), state

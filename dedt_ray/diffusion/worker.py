@@ -211,8 +211,9 @@ def restore(
     device: torch.device,
     rank: int,
 ) -> None:
-    """Continue from `ray.train.get_checkpoint()` when there is one."""
-    checkpoint = ray.train.get_checkpoint()
+    """Continue from `ray.train.get_checkpoint()` (local mode: the newest checkpoint in
+    `job.checkpoints`) when there is one."""
+    checkpoint = ray.train.get_checkpoint() or newest_checkpoint(job.checkpoints)
     if checkpoint is None:
         return
     state = load_resumable(checkpoint, rank)
@@ -236,6 +237,31 @@ def restore(
     run.curve_steps = list(state.get("curve_steps") or [])
     if rank == 0:
         log.info("train: resumed at step %d/%d", run.step, job.train_cfg.steps)
+
+
+def newest_checkpoint(uri: str | None) -> ray.train.Checkpoint | None:
+    """The newest `checkpoint_<step>` folder under `uri` (local mode's checkpoints), if any."""
+    import pyarrow.fs as pafs
+
+    if uri is None:
+        return None
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = checkpoint_dirs([i.base_name for i in infos if i.type == pafs.FileType.Directory])
+    return ray.train.Checkpoint(f"{root}/{names[-1]}", fs) if names else None
+
+
+def persist_checkpoint(directory: str, uri: str, name: str, keep: int) -> None:
+    """Local mode: copy the checkpoint `directory` to `<uri>/<name>`, then delete all but the
+    newest `keep` checkpoints there (as Ray Train does for its workers' checkpoints)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    pafs.copy_files(directory, f"{root}/{name}", destination_filesystem=fs)
+    names = checkpoint_dirs([i.base_name for i in fs.get_file_info(pafs.FileSelector(root))])
+    for old in names[:-keep]:
+        fs.delete_dir(f"{root}/{old}")
 
 
 def load_resumable(checkpoint: ray.train.Checkpoint, rank: int) -> dict[str, Any] | None:
@@ -500,7 +526,10 @@ def report(
         directory = tempfile.mkdtemp(prefix="dedt-ckpt-")
         save_state(directory, state_dict(run, shard.stream, job))
         ckpt = ray.train.Checkpoint.from_directory(directory)
-        if job.local:  # nothing uploads it: keep the newest, drop the one before
+        if job.local:  # nothing uploads it: persisted here; the newest local copy is kept
+            if job.checkpoints:
+                name = f"checkpoint_{run.step:08d}"
+                persist_checkpoint(directory, job.checkpoints, name, tc.keep_checkpoints)
             for old in local_ckpt:
                 shutil.rmtree(old, ignore_errors=True)
             local_ckpt[:] = [directory]
