@@ -486,7 +486,17 @@ def test_console_under_a_terminal_noop_rerun_and_ctrl_c(tmp_path):
     deadline = time.time() + 300
     while "embed: running" not in seen and time.time() < deadline:
         seen += child.stderr.readline()
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    # a SIGINT that lands while the job is still starting its cluster can be lost on a busy
+    # machine (seen once under the full suite: the run went on to the end); ask again then
+    for _ in range(4):
+        child.send_signal(signal.SIGINT)
+        try:
+            _, err = child.communicate(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        child.kill()
+        _, err = child.communicate()
     assert child.returncode == 130, seen + err
     assert "rerun the same command to resume" in err and "Traceback" not in err
