@@ -246,9 +246,16 @@ def newest_checkpoint(uri: str | None) -> ray.train.Checkpoint | None:
     if uri is None:
         return None
     fs, root = pafs.FileSystem.from_uri(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    names = checkpoint_dirs([i.base_name for i in infos if i.type == pafs.FileType.Directory])
+    names = _checkpoint_names(fs, root)
     return ray.train.Checkpoint(f"{root}/{names[-1]}", fs) if names else None
+
+
+def _checkpoint_names(fs: Any, root: str) -> list[str]:
+    """The `checkpoint_<step>` folder names under `root` on `fs`, oldest first."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return checkpoint_dirs([i.base_name for i in infos])
 
 
 def persist_checkpoint(directory: str, uri: str, name: str, keep: int) -> None:
@@ -259,8 +266,7 @@ def persist_checkpoint(directory: str, uri: str, name: str, keep: int) -> None:
     fs, root = pafs.FileSystem.from_uri(uri)
     fs.create_dir(f"{root}/{name}", recursive=True)
     pafs.copy_files(directory, f"{root}/{name}", destination_filesystem=fs)
-    names = checkpoint_dirs([i.base_name for i in fs.get_file_info(pafs.FileSelector(root))])
-    for old in names[:-keep]:
+    for old in _checkpoint_names(fs, root)[:-keep]:
         fs.delete_dir(f"{root}/{old}")
 
 
@@ -269,13 +275,9 @@ def load_resumable(checkpoint: ray.train.Checkpoint, rank: int) -> dict[str, Any
     (a truncated or damaged one is skipped with a warning); None when none loads."""
     import posixpath
 
-    import pyarrow.fs as pafs
-
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
     parent = posixpath.dirname(path)
-    names = checkpoint_dirs(
-        [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(parent))]
-    )
+    names = _checkpoint_names(fs, parent)
     newest = posixpath.basename(path)
     older = names[: names.index(newest)] if newest in names else names
     for candidate in [path, *(posixpath.join(parent, n) for n in reversed(older))]:
@@ -521,14 +523,13 @@ def report(
                 run.step, tc.steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
                 run.images_seen, shard.stream.epoch,
             )  # fmt: skip
-    ckpt = None
+    ckpt, name = None, f"checkpoint_{run.step:08d}" if save_now else None
     if save_now and rank == 0:
         directory = tempfile.mkdtemp(prefix="dedt-ckpt-")
         save_state(directory, state_dict(run, shard.stream, job))
         ckpt = ray.train.Checkpoint.from_directory(directory)
         if job.local:  # nothing uploads it: persisted here; the newest local copy is kept
             if job.checkpoints:
-                name = f"checkpoint_{run.step:08d}"
                 persist_checkpoint(directory, job.checkpoints, name, tc.keep_checkpoints)
             for old in local_ckpt:
                 shutil.rmtree(old, ignore_errors=True)
@@ -536,7 +537,7 @@ def report(
     ray.train.report(
         {**metrics, "shard_rows": shard.rows_per_rank},
         checkpoint=ckpt,
-        checkpoint_dir_name=f"checkpoint_{run.step:08d}" if save_now else None,
+        checkpoint_dir_name=name,
         delete_local_checkpoint_after_upload=(ckpt is not None and not job.local),
     )
     return now
