@@ -346,12 +346,18 @@ def read_tensorboard(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tracking_sinks_write_tensorboard_and_mlflow(tmp_path):
-    from dedt_ray.diffusion.reports import MLflowSink, TensorBoardSink, replay
+    from dedt_ray.diffusion.reports import MLflowSink, TensorBoardSink, local_reports
 
     history = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (2, 4, 6)]
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    replay([TensorBoardSink(str(tmp_path / "tb")),
-            MLflowSink(mlflow_uri, "run", "train", {"train.lr": 1e-3})], history)  # fmt: skip
+    with local_reports(
+        [
+            TensorBoardSink(str(tmp_path / "tb")),
+            MLflowSink(mlflow_uri, "run", "train", {"train.lr": 1e-3}),
+        ]
+    ) as hook:
+        for row in history:  # what in-process training hands the hook at each report
+            hook(row)
     scalars = read_tensorboard(tmp_path / "tb")
     assert scalars["train/loss"] == [(2, 0.5), (4, 0.25), (6, pytest.approx(1 / 6))]
     check_mlflow(mlflow_uri, "run", "train", [2, 4, 6])

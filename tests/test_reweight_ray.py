@@ -221,13 +221,12 @@ def test_reweight_resumes_with_the_same_weights(staged, tmp_path):
     flag = tmp_path / "fail.flag"
     flag.write_text("x")
     store = copy_run(done, tmp_path / "run", "embed", "select", "reference")  # same reference
-    crash = [
-        "train.num_workers=1",
-        "train.max_failures=1",
-        "train.fail_at_step=5",
-        f"train.fail_flag={flag}",
-    ]
-    manifest = run_stage("reweight", load_config(None, [*SMALL, *crash]), store)
+    # in-process, as the session run: the crash ends the stage; the rerun resumes from the
+    # checkpoint before it (Ray Train's worker-group restart: test_train_ray's DDP test)
+    crashing = load_config(None, [*SMALL, "train.fail_at_step=5", f"train.fail_flag={flag}"])
+    with pytest.raises(RuntimeError, match="injected failure at step 5"):
+        run_stage("reweight", crashing, store)
+    manifest = run_stage("reweight", crashing, store)
     assert not flag.exists() and manifest["resumed_at"] == [3]
     trace = pq.read_table(store.path("reweight", "trace.parquet")).to_pandas()
     assert sorted(set(trace.step)) == list(range(1, 9)) and len(trace) == 80

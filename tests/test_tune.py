@@ -102,14 +102,15 @@ def test_epoch_budget_follows_the_rows():
 
 @pytest.mark.slow
 def test_sweep_interrupted_and_restored(ray_cluster, tmp_path):
-    """Three trials, one at a time; the first one's training raises once at step 3 (after
-    the checkpoint of step 2) and Tune retries it; the sweep is interrupted after the first
-    trial completes, then restored."""
+    """Three trials, one at a time, training in-process (`train.num_workers=0`); the first
+    one's training raises once at step 3 (after the checkpoint of step 2) and Tune retries it;
+    the sweep is interrupted after the first trial completes, then restored."""
     run = str(tmp_path / "run")
     flag = tmp_path / "fail.flag"
     flag.write_text("x")
     crash = f"train.fail_at_step=3,train.fail_flag={flag}"
-    cfg = load_config(None, [*TINY, f"tune.trial_overrides=[{TRIAL},{crash}]"])
+    trial = f"{TRIAL},train.num_workers=0,{crash}"
+    cfg = load_config(None, [*TINY, f"tune.trial_overrides=[{trial}]"])
     first = run_sweep(cfg, run, interrupt_after=1)
     store = RunStore(run)
     embed = store.manifest("embed")
@@ -124,6 +125,14 @@ def test_sweep_interrupted_and_restored(ray_cluster, tmp_path):
     out = run_sweep(cfg, run)  # resumes the same experiment
     assert out["evaluated"] == 3 and out["trials"] == 3
     assert [r["status"] for r in out["rows"]] == ["done"] * 3
+    # in-process training hands Tune every train report (ASHA's signal) and then the
+    # objectives: a trial that was not retried reported once per report of its 4 steps
+    iterations = {r["trial_id"]: r["iterations"] for r in out["rows"]}
+    once = [t for t in iterations if not RunStore(store.path("tune", "trials", t)).manifest("train")
+            ["resumed_at"]]  # fmt: skip
+    assert len(once) == 2 and all(
+        iterations[t] == trial_reports(4, log_every=2, checkpoint_every=2) for t in once
+    )
     assert {r["trial_id"] for r in out["rows"]} >= finished
     # finished trials were not rerun: their evaluate manifests are untouched
     assert {t: evaluate_started(store, t) for t in finished} == started

@@ -13,6 +13,7 @@ the resume key (`hook_key`), so a changed hook never resumes a checkpoint writte
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -157,6 +158,9 @@ class TrainJob:
     # local mode: the URI of the run's checkpoint folder (`<run>/_ray/<name>`), which the loop
     # writes and resumes from itself (Ray Train's local mode persists no checkpoint)
     checkpoints: str | None = None
+    # local mode: called with each report's metrics in this process (Ray Train's local mode
+    # calls no callbacks); `trainer.fit` sets it, so the job stays picklable for workers
+    on_report: Callable[[dict[str, Any]], None] | None = None
     use_gpu: bool = False
 
     @property

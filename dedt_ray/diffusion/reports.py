@@ -8,8 +8,9 @@ hands them to the sinks:
     with relay_reports([TrainProgress(steps, "train"), TensorBoardSink(dir)]) as relay:
         TorchTrainer(..., run_config=RunConfig(callbacks=[relay])).fit()
 
-A sink has `on_report(metrics)` and `close()`. `ScalingConfig(num_workers=0)` calls no
-callbacks; `replay` feeds the finished run's history to the sinks instead.
+A sink has `on_report(metrics)` and `close()`. `ScalingConfig(num_workers=0)` (the loop in
+this process) calls no callbacks: `local_reports` gives the loop a hook that feeds the sinks
+and the callbacks itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from ray.train import UserCallback
@@ -42,12 +43,15 @@ class ReportRelay(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-        scalars = {
-            k: float(v)
-            for k, v in (metrics[0] if metrics else {}).items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        self.queue.put(scalars)
+        self.queue.put(_scalars(metrics[0] if metrics else {}))
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def _deliver(sinks: Sequence[Sink], metrics: dict[str, float]) -> None:
@@ -93,12 +97,24 @@ def relay_reports(sinks: Sequence[Sink]) -> Iterator[ReportRelay | None]:
             queue.shutdown()
 
 
-def replay(sinks: Sequence[Sink], history: list[dict[str, Any]]) -> None:
-    """Hand a finished run's history (one row per log step) to `sinks` and close them."""
-    for row in history:
-        _deliver(sinks, {k: float(v) for k, v in row.items() if isinstance(v, int | float)})
-    for sink in sinks:
-        sink.close()
+@contextlib.contextmanager
+def local_reports(
+    sinks: Sequence[Sink], callbacks: Sequence[UserCallback] = ()
+) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A hook for in-process training (`TrainJob.on_report`): each report's scalars go to
+    `sinks` and the report to `callbacks`' `after_report`, as Ray Train's controller would
+    call them; the sinks close when the block ends."""
+
+    def hook(metrics: dict[str, Any]) -> None:
+        _deliver(sinks, _scalars(metrics))
+        for callback in callbacks:
+            callback.after_report(None, [metrics], None)
+
+    try:
+        yield hook
+    finally:
+        for sink in sinks:
+            sink.close()
 
 
 class TrainProgress:

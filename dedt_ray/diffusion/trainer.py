@@ -294,21 +294,25 @@ def fit(
     the workers resume from the newest one that loads."""
     from ray.train.torch import TorchTrainer
 
-    from dedt_ray.diffusion.reports import relay_reports, replay
+    from dedt_ray.diffusion.reports import local_reports, relay_reports
     from dedt_ray.diffusion.worker import train_loop
     from dedt_ray.runtime import chatty
 
     tc = cfg.train
     run_name = ray_run_name(out, job.fingerprint)
-    if job.local:  # the loop writes its checkpoints where Ray Train's workers would
-        job = dataclasses.replace(job, checkpoints=store.uri(store.path(RAY_STATE, run_name)))
     resuming = store.exists(RAY_STATE, run_name)
     if resuming:
         warn_damaged_checkpoints(store, run_name)
     trackers = tracking_sinks(cfg, store, out, job, fresh=not resuming)
-    sinks = [] if job.local else [TrainProgress(job.train_cfg.steps, out), *trackers]
+    sinks = [TrainProgress(job.train_cfg.steps, out), *trackers]
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
-    with relay_reports(sinks) as relay:
+    reporting = local_reports(sinks, callbacks) if job.local else relay_reports(sinks)
+    with reporting as relay:
+        if job.local:  # the loop writes its checkpoints where Ray Train's workers would, and
+            # hands its reports to the sinks and callbacks itself (local mode calls none)
+            checkpoints = store.uri(store.path(RAY_STATE, run_name))
+            job = dataclasses.replace(job, checkpoints=checkpoints, on_report=relay)
+            relay, callbacks = None, ()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"job": job},
@@ -335,7 +339,6 @@ def fit(
         state = load_state(directory)
     if job.local:  # persisted by the loop already (`job.checkpoints`)
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
-        replay(trackers, state["history"])  # no callbacks run in-process
     return dict(result.metrics or {}), state
 
 

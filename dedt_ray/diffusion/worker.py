@@ -517,7 +517,7 @@ def report(
     }
     if log_now:
         run.history.append(dict(metrics))
-        if rank == 0:
+        if rank == 0 and job.on_report is None:  # else the driver shows it (`on_report`)
             log.info(
                 "train: step %d/%d loss %.4f lr %.2e %.0f img/s seen %d epoch %.2f",
                 run.step, tc.steps, metrics["loss"], metrics["lr"], metrics["images_per_s"],
@@ -534,8 +534,11 @@ def report(
             for old in local_ckpt:
                 shutil.rmtree(old, ignore_errors=True)
             local_ckpt[:] = [directory]
+    metrics["shard_rows"] = shard.rows_per_rank
+    if job.on_report is not None:
+        job.on_report(metrics)
     ray.train.report(
-        {**metrics, "shard_rows": shard.rows_per_rank},
+        metrics,
         checkpoint=ckpt,
         checkpoint_dir_name=name,
         delete_local_checkpoint_after_upload=(ckpt is not None and not job.local),
