@@ -103,12 +103,13 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     spec = model_spec(cfg, labels, classes, data)
     key = resume_key(cfg, inputs.used)
     log.info(
-        "train: %d rows (%s), %s, %d steps of batch %d on %d worker(s)",
+        "train: %d rows (%s), %s, %d steps of batch %d %s",
         len(labels),
         "selected subset" if inputs.selection is not None else "all source rows",
         "class weights " + cfg.train.class_weighting if class_weights is not None
         else "no class weights",
-        budget_steps(cfg, len(labels)), cfg.train.batch_size, max(1, cfg.train.num_workers),
+        budget_steps(cfg, len(labels)), cfg.train.batch_size,
+        f"on {n} worker(s)" if (n := cfg.train.num_workers) else "in-process",
     )  # fmt: skip
     curve_started = time.perf_counter()
     curve = start_curve(cfg, store, ctx, spec, key, inputs.manifests)

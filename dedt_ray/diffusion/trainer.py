@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -332,7 +333,7 @@ def fit(
                 logging_config=ray.train.LoggingConfig("INFO" if chatty() else "WARNING"),
             ),
         )
-        result = trainer.fit()
+        result = trainer.fit() if job.local else fit_off_main_thread(trainer)
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -340,6 +341,33 @@ def fit(
     if job.local:  # persisted by the loop already (`job.checkpoints`)
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return dict(result.metrics or {}), state
+
+
+def fit_off_main_thread(trainer: Any) -> Any:
+    """`trainer.fit()` in a thread, so Ctrl-C stays a KeyboardInterrupt in the main thread.
+
+    On the main thread Ray Train V2's fit replaces the SIGINT handler with one that aborts the
+    run and exits the process with status 1, printing nothing, and never puts the old one
+    back; off it (as in Tune) it leaves signals alone. The CLI then reports the interrupt
+    (exit 130, how to resume); the workers end with the driver, the checkpoints stay.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # raised again in the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="dedt-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: a SIGINT is raised between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def tracking_sinks(cfg: Config, store: RunStore, out: str, job: TrainJob, fresh: bool) -> list[Any]:
