@@ -457,7 +457,8 @@ SMOKE_RUN = [
 def test_console_under_a_terminal_noop_rerun_and_ctrl_c(tmp_path):
     """Items 8, 9, 10: progress bars and few lines on a pseudo-terminal; a finished run
     reruns without a cluster (a stage command without --config uses the run's config.yaml);
-    Ctrl-C exits 130 saying how to resume."""
+    Ctrl-C exits 130 saying how to resume (the stage command retrains only: embed and select
+    stay as the first run left them)."""
     if shutil.which("script") is None:
         pytest.skip("no `script` to make a pseudo-terminal")
     run = tmp_path / "run"
@@ -490,7 +491,7 @@ def test_console_under_a_terminal_noop_rerun_and_ctrl_c(tmp_path):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         child = subprocess.Popen(
-            [sys.executable, "-m", "dedt_ray.cli", "run", "--run-dir", str(run), "--force"],
+            [sys.executable, "-m", "dedt_ray.cli", "train", "--run-dir", str(run), "--force"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
     finally:
