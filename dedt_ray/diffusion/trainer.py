@@ -48,6 +48,7 @@ from dedt_ray.diffusion.job import (  # noqa: E402
 )
 from dedt_ray.diffusion.models import ModelSpec, build_noise_scheduler  # noqa: E402
 from dedt_ray.diffusion.reports import TrainProgress  # noqa: E402
+from dedt_ray.diffusion.rows import prepare_rows  # noqa: E402
 from dedt_ray.diffusion.state import load_state  # noqa: E402
 from dedt_ray.store import RAY_STATE, RunStore  # noqa: E402
 
@@ -63,34 +64,6 @@ MAX_WARMUP_FRACTION = 0.1  # warm-up is capped at this share of the steps (every
 
 
 # -- rows ----------------------------------------------------------------------------------
-def _prepare_rows(
-    batch: dict[str, np.ndarray],
-    column: str,
-    shape: tuple[int, ...],
-    keep: np.ndarray | None,
-    keep_weights: np.ndarray | None,
-    group_ids: np.ndarray | None = None,
-    groups: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Keep the selected ids; bring the training column to `x` of `shape` per row; with
-    `groups` (sorted by `group_ids`), the rows' group is their label."""
-    ids = np.asarray(batch["id"]).astype(str)
-    mask = np.ones(len(ids), bool) if keep is None else np.isin(ids, keep)
-    x = np.asarray(batch[column])
-    if x.dtype == object:
-        x = np.stack(list(x))
-    x = x[mask].reshape((-1, *shape))
-    out = {"id": ids[mask], "label": np.asarray(batch["label"], np.int64)[mask], "x": x}
-    if keep_weights is not None:
-        out["weight"] = keep_weights[np.searchsorted(keep, out["id"])].astype(np.float32)
-    if groups is not None:
-        at = np.minimum(np.searchsorted(group_ids, out["id"]), len(group_ids) - 1)
-        if len(out["id"]) and not np.array_equal(group_ids[at], out["id"]):
-            raise ValueError("rows without a group in select/scores.parquet: rerun `select`")
-        out["label"] = groups[at].astype(np.int64)
-    return out
-
-
 def training_rows(
     cfg: Config, store: RunStore, inputs: TrainingInputs
 ) -> tuple[ray.data.Dataset, np.ndarray, list[str] | None, dict[str, Any]]:
@@ -125,7 +98,7 @@ def training_rows(
         order = np.argsort(ids)
         kwargs.update(group_ids=ids[order], groups=inputs.groups["group"].to_numpy()[order])
         data_info["grouped"] = True
-    ds = ds.map_batches(_prepare_rows, fn_kwargs=kwargs, batch_format="numpy").materialize()
+    ds = ds.map_batches(prepare_rows, fn_kwargs=kwargs, batch_format="numpy").materialize()
     labels = np.concatenate(
         [b["label"] for b in ds.select_columns(["label"]).iter_batches(batch_format="numpy")]
         or [np.zeros(0, np.int64)]
