@@ -101,11 +101,11 @@ def tiny_vae() -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def upstream(ray_cluster, tmp_path_factory) -> Any:
     """A real embed -> select run (`runs.UPSTREAM`); copy it (`runs.copy_run`) to build on."""
-    from runs import UPSTREAM
-
     from dedt_ray.config import load_config
     from dedt_ray.pipeline import run_pipeline
     from dedt_ray.store import RunStore
+
+    from runs import UPSTREAM
 
     store = RunStore(str(tmp_path_factory.mktemp("upstream") / "run"))
     run_pipeline(load_config(None, UPSTREAM), store, only=["embed", "select"])
@@ -116,10 +116,10 @@ def upstream(ray_cluster, tmp_path_factory) -> Any:
 def trained(upstream, tmp_path_factory) -> Any:
     """`upstream` continued: reference -> reweight -> train (`runs.TRAINED`): one trained tiny
     model with its checkpoints, class weights and metrics. Copy it before changing it."""
-    from runs import TRAINED, copy_run
-
     from dedt_ray.config import load_config
     from dedt_ray.pipeline import run_pipeline
+
+    from runs import TRAINED, copy_run
 
     store = copy_run(upstream, tmp_path_factory.mktemp("trained") / "run", "embed", "select")
     run_pipeline(load_config(None, TRAINED), store, only=["reference", "reweight", "train"])

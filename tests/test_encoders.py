@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import random_inception, save_clip, save_dinov2
-from tiny_models import vision_config as _vision
 
 from dedt_ray.encoders import ENCODERS, Encoder, Preprocessor, build_encoder, build_preprocessor
+
+from tiny_models import random_inception, save_clip, save_dinov2
+from tiny_models import vision_config as _vision
 
 MODEL_ENCODERS = ["clip", "clip_full", "clip_tower", "dinov2", "vit", "vae", "inception"]
 

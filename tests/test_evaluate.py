@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runs import copy_run
-from tiny_models import save_clip, save_dinov2, save_inception
 
 from dedt_ray.config import load_config
 from dedt_ray.evaluate import (
@@ -37,6 +35,9 @@ from dedt_ray.evaluate import (
 )
 from dedt_ray.evaluate.classifier import SmallCNN, from_bytes, to_bytes
 from dedt_ray.store import RunStore
+
+from runs import copy_run
+from tiny_models import save_clip, save_dinov2, save_inception
 
 
 def save_tiny_model(directory: Path, num_classes: int | None, seed: int = 0) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import save_dinov2, save_inception
 
 from dedt_ray.encoders.inception import WEIGHTS_FILE
+
+from tiny_models import save_dinov2, save_inception
 
 REPO = Path(__file__).resolve().parents[1]
 # pytorch-fid + torchvision installed apart from the project's environment (see the file)

@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from runs import copy_run
 
 from dedt_ray.config import load_config
 from dedt_ray.report import REPORT, collect, render, stage_flops
 from dedt_ray.report import run as report_run
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
+
+from runs import copy_run
 
 
 class _Tables(HTMLParser):

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runs import ROWS, TRAINED, UPSTREAM, copy_run
 
 from dedt_ray.artifacts import CLASSES, read_class_weights
 from dedt_ray.config import ConfigError, ModelConfig, load_config
@@ -23,6 +22,8 @@ from dedt_ray.reweight.dro import DROLoss
 from dedt_ray.reweight.stage import class_names
 from dedt_ray.smoke import SMOKE_UNET
 from dedt_ray.store import RunStore
+
+from runs import ROWS, TRAINED, UPSTREAM, copy_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.degraded_class import MODEL, digits_run  # noqa: E402

@@ -29,10 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runs import copy_run
 
 from dedt_ray.config import load_config
 from dedt_ray.store import RunStore
+
+from runs import copy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from runs import ROWS, UPSTREAM, copy_run
 
 from dedt_ray import selection
 from dedt_ray.config import load_config
@@ -15,6 +14,8 @@ from dedt_ray.embed import EMBEDDINGS, read_embeddings
 from dedt_ray.pipeline import run_stage
 from dedt_ray.selection.stage import SCORE_COLUMNS
 from dedt_ray.store import RunStore
+
+from runs import ROWS, UPSTREAM, copy_run
 
 
 def _kept_per_class(labels: np.ndarray, ratio: float) -> list[int]:

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from runs import ROWS, copy_run
 
 from dedt_ray.config import load_config
 from dedt_ray.diffusion.core import count_step_flops
@@ -20,6 +19,8 @@ from dedt_ray.diffusion.sampling import generate
 from dedt_ray.diffusion.state import load_state
 from dedt_ray.pipeline import run_stage
 from dedt_ray.store import RunStore
+
+from runs import ROWS, copy_run
 
 SMALL = [
     "data.image_size=8",
