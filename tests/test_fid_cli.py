@@ -1,4 +1,6 @@
-"""`dedt-ray fid` through a subprocess, and its FID against the pytorch-fid package itself.
+"""`dedt-ray fid` (one run through a subprocess, the rest through `cli.main` in this process:
+the same code and exit codes without a new interpreter's imports each), and its FID against
+the pytorch-fid package itself.
 
 The Inception weights are pytorch-fid's network with random weights, saved with torch.save
 where torch.hub (and so pytorch-fid) looks for `pt_inception-2015-12-05-6726825d.pth`: in the
@@ -68,6 +70,26 @@ def dedt_fid(inputs: dict[str, Path], *args: str) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
+@pytest.fixture
+def fid_here(inputs: dict[str, Path], capsys: pytest.CaptureFixture, monkeypatch):
+    """`dedt-ray fid ARGS` through `cli.main` in this process: its exit code (argparse's usage
+    errors included) and what it printed, as a CompletedProcess."""
+    from dedt_ray.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(inputs["torch_home"]))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(["fid", *args])
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["fid", *args], code, out.out, out.err)
+
+    return run
+
+
 def last_json(out: subprocess.CompletedProcess) -> dict:
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -85,7 +107,7 @@ def folders(inputs: dict[str, Path]) -> dict:
 
 
 @pytest.mark.slow
-def test_fid_folders_npz_and_extra_space(inputs: dict[str, Path], folders: dict) -> None:
+def test_fid_folders_npz_and_extra_space(inputs: dict[str, Path], folders: dict, fid_here) -> None:
     root, result = inputs["root"], folders
     for key in ("FID", "KID_mean", "KID_std", "precision", "recall", "FD_dinov2",
                 "KD_dinov2_mean"):  # fmt: skip
@@ -98,21 +120,17 @@ def test_fid_folders_npz_and_extra_space(inputs: dict[str, Path], folders: dict)
     # the same images from a samples.npz (array order, not file order): the same features, so
     # the same KID and k-NN metrics; `--frechet svd` (a quarter of sqrtm's time at 2048-d)
     # gives the same FID here within 1e-5 (measured: 6e-7 relative on these 16 images a side)
-    from_npz = last_json(
-        dedt_fid(inputs, str(root / "real"), str(root / "fake.npz"), "--frechet", "svd")
-    )
+    from_npz = last_json(fid_here(str(root / "real"), str(root / "fake.npz"), "--frechet", "svd"))
     for key in ("KID_mean", "precision", "recall"):
         assert from_npz[key] == pytest.approx(result[key], rel=1e-6, abs=1e-9), key
     assert from_npz["frechet"] == "svd (nuclear norm)"
     assert from_npz["FID"] == pytest.approx(result["FID"], rel=1e-5)
 
-    classes = last_json(
-        dedt_fid(inputs, str(root / "real"), str(root / "classes"), "--frechet", "svd")
-    )
+    classes = last_json(fid_here(str(root / "real"), str(root / "classes"), "--frechet", "svd"))
     assert classes["generated"]["count"] == N and np.isfinite(classes["FID"])
 
 
-def test_fid_bad_inputs_exit_2(inputs: dict[str, Path]) -> None:
+def test_fid_bad_inputs_exit_2(inputs: dict[str, Path], fid_here) -> None:
     root = inputs["root"]
     cases = [
         ([str(root / "nowhere"), str(root / "fake")], "nowhere: no such file or folder"),
@@ -127,8 +145,8 @@ def test_fid_bad_inputs_exit_2(inputs: dict[str, Path]) -> None:
         ([str(root / "real")], "PATH_B"),
         ([str(root / "real"), str(root / "fake"), "--frechet", "eig"], "invalid choice"),
     ]  # fmt: skip
-    for args, message in cases:
-        out = dedt_fid(inputs, *args)
+    for i, (args, message) in enumerate(cases):
+        out = dedt_fid(inputs, *args) if i == 0 else fid_here(*args)  # the first as a user
         assert out.returncode == 2, (args, out.stderr)
         assert message in out.stderr and not out.stdout.strip(), (args, out.stderr)
 
@@ -157,7 +175,7 @@ print(fid_score.calculate_fid_given_paths([real, fake], 10, "cpu", 2048, num_wor
     reason=f"pytorch-fid reference not installed: pip install --no-deps --upgrade --target "
     f"{REFERENCE} -r tests/fid-reference.txt",
 )
-def test_fid_matches_pytorch_fid(inputs: dict[str, Path], folders: dict) -> None:
+def test_fid_matches_pytorch_fid(inputs: dict[str, Path], folders: dict, fid_here) -> None:
     """Same images, same weights file: pytorch-fid's FID and ours agree within 1e-3."""
     root = inputs["root"]
     stats = root / "real_stats.npz"
@@ -175,6 +193,6 @@ def test_fid_matches_pytorch_fid(inputs: dict[str, Path], folders: dict) -> None
     assert ours == pytest.approx(theirs, rel=1e-3)
     # pytorch-fid's statistics file on one side: FID only, the same value (the file read right;
     # the formula is checked above, so the faster one here)
-    from_stats = last_json(dedt_fid(inputs, str(stats), str(root / "fake"), "--frechet", "svd"))
+    from_stats = last_json(fid_here(str(stats), str(root / "fake"), "--frechet", "svd"))
     assert from_stats["FID"] == pytest.approx(theirs, rel=1e-3)
     assert from_stats["KID_mean"] is None and "FID only" in from_stats["notes"][0]
