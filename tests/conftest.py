@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # the Train controller polls its workers every 2 s by default; tiny runs finish sooner
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# nothing reads worker logs (log_to_driver=False), yet Ray's log monitor globs the
+# session's log folder every 0.1 s while it holds < 1000 files: ~35 s of CPU a suite run
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "5")
 
 
 @pytest.fixture(scope="session")
