@@ -165,7 +165,8 @@ from pytorch_fid import fid_score
 
 real, fake, stats = sys.argv[1:4]
 fid_score.save_fid_stats([real, stats], batch_size=10, device="cpu", dims=2048, num_workers=0)
-print(fid_score.calculate_fid_given_paths([real, fake], 10, "cpu", 2048, num_workers=0))
+# its own statistics file for the real side: the real images go through Inception once
+print(fid_score.calculate_fid_given_paths([stats, fake], 10, "cpu", 2048, num_workers=0))
 """
 
 
