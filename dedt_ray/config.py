@@ -296,6 +296,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(256, ge=1)  # images per sampling call (one share) / feature batch
     actors: int = Field(1, ge=1)
     gpus_per_actor: float | None = Field(None, ge=0.0, le=8.0)  # None: 1 if the cluster has GPUs
+    threads_per_actor: int | None = Field(None, ge=1)  # on CPU; None: node CPUs / actors
     grid_columns: int = Field(10, ge=1)
     seed: int = 0
 

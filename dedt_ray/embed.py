@@ -8,7 +8,6 @@ encoder (actor pool, GPUs when the cluster has them) -> embed/embeddings.parquet
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from dedt_ray.config import Config, EmbedConfig
 from dedt_ray.data import open_source
 from dedt_ray.data.images import IMAGE_EXTENSIONS
 from dedt_ray.encoders import build_encoder, build_preprocessor
-from dedt_ray.runtime import cluster_gpus
+from dedt_ray.runtime import actor_threads, cluster_gpus
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
@@ -47,28 +46,28 @@ def _resize(batch: dict[str, np.ndarray], **model_args: Any) -> dict[str, np.nda
 class _Encode:
     """One encoder replica on an actor; uses the GPU Ray assigned to it, if any."""
 
-    def __init__(self, use_gpu: bool, threads: int, **kwargs: Any):
+    def __init__(self, use_gpu: bool, threads: int | None, actors: int, **kwargs: Any):
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":  # Ray pins actors to 1 thread; the encoder is the hot loop
-            torch.set_num_threads(threads)
+            torch.set_num_threads(actor_threads(threads, actors))
         self.encoder = build_encoder(device=device, **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return embedding_table(batch["id"], batch["label"], self.encoder(batch["image"]))
 
 
-def encoder_flops(emb: EmbedConfig, in_channels: int, image_size: int, seed: int) -> int:
-    """FLOPs per image of the encoder (a Ray task: pretrained weights load where encoders
-    run), recorded so a study counts the selection's compute."""
+def encoder_flops(emb: EmbedConfig, in_channels: int, image_size: int, seed: int) -> ray.ObjectRef:
+    """FLOPs per image of the encoder, recorded so a study counts the selection's compute: a
+    Ray task (pretrained weights load where encoders run), started beside the embedding."""
 
     def count() -> int:
         encoder = build_encoder(emb.encoder, emb.model, emb.dim, in_channels, image_size,
                                 seed=seed)  # fmt: skip
         return encoder.flops_per_image()
 
-    return int(ray.get(ray.remote(count).options(num_cpus=0).remote()))
+    return ray.remote(count).options(num_cpus=0).remote()
 
 
 def read_embeddings(store: RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,13 +95,13 @@ def embed_dataset(
         "image_size": image_size,
     }
     gpus = emb.gpus_per_actor if emb.gpus_per_actor is not None else min(1.0, cluster_gpus())
-    threads = emb.threads_per_actor or max(1, (os.cpu_count() or 1) // emb.actors)
     ds = ds.map_batches(_resize, fn_kwargs=model_args, batch_size=emb.batch_size)
     return ds.map_batches(
         _Encode,
         fn_constructor_kwargs={
             "use_gpu": gpus > 0,
-            "threads": threads,
+            "threads": emb.threads_per_actor,
+            "actors": emb.actors,
             "dim": emb.dim,
             "seed": seed,
             **model_args,
@@ -137,6 +136,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     data, emb = cfg.data, cfg.embed
     source = open_source(data)
     in_channels = 1 if data.mode == "L" else 3
+    flops = encoder_flops(emb, in_channels, data.image_size, cfg.seed)
     ds = embed_dataset(source.dataset, emb, in_channels, data.image_size, cfg.seed)
     out = store.path(*EMBEDDINGS_PATH)
     ds.write_parquet(store.uri(out), max_rows_per_file=emb.rows_per_file, mode="overwrite")
@@ -150,7 +150,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         raise NoImagesError(no_images_message(data.path or data.source, skipped))
     dim = written.schema.field("embedding").type.list_size
     store.write_json({"classes": source.classes}, *CLASSES)
-    per_image = encoder_flops(emb, in_channels, data.image_size, cfg.seed)
+    per_image = int(ray.get(flops))
     summary = f"{rows} images embedded with {emb.encoder} (dim {dim}), {len(skipped)} skipped"
     return {
         "rows": rows,

@@ -120,6 +120,13 @@ def local_cores() -> int:
     return cores or 1
 
 
+def actor_threads(threads: int | None, actors: int) -> int:
+    """Torch threads of one of `actors` CPU actors on this node: `threads`, else this node's
+    cores shared among them (Ray starts an actor with one OpenMP thread per CPU it reserved,
+    one by default, which leaves the other cores idle while it runs the hot loop)."""
+    return threads or max(1, local_cores() // max(1, actors))
+
+
 def cluster_gpus() -> float:
     """GPUs the connected cluster has in total."""
     return float(ray.cluster_resources().get("GPU", 0.0))

@@ -34,6 +34,7 @@ from dedt_ray.evaluate import (
     train_classifier,
 )
 from dedt_ray.evaluate.classifier import SmallCNN, from_bytes, to_bytes
+from dedt_ray.runtime import local_cores
 from dedt_ray.store import RunStore
 
 from runs import copy_run
@@ -257,6 +258,14 @@ def test_share_sampler_deterministic_and_flops(tmp_path: Path, one_thread: None)
     assert guided == pytest.approx(2 * two_steps, rel=0.02)  # conditional + unconditional pass
 
 
+def test_actor_threads_share_the_node() -> None:
+    from dedt_ray.runtime import actor_threads
+
+    assert actor_threads(None, 1) == local_cores()
+    assert actor_threads(None, 2 * local_cores()) == 1  # never 0
+    assert actor_threads(3, 1) == 3  # the configured count, whatever the node
+
+
 # -- the stage -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory):
@@ -336,6 +345,9 @@ def test_evaluate_stage_metrics(evaluated) -> None:
     assert m["samples"]["kid_subset_size"] == 120 and m["samples"]["kid_subsets"] == 20
     assert m["samples"]["generated"] == 120 and m["samples"]["real"] == 400
     assert m["sampling"]["flops_per_image"] > 0 and m["sampling"]["num_inference_steps"] == 2
+    # Ray starts the 1-CPU sampler actor with one OpenMP thread; it takes its share of the node
+    assert m["sampling"]["actors"] == 1
+    assert m["sampling"]["threads_per_actor"] == local_cores()
     assert m["feature_space"]["val_accuracy"] > 0.5  # the classifier learnt the digits
 
     per_class = store.read_json("evaluate", "per_class.json")

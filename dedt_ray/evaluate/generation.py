@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dedt_ray.evaluate.features import FeatureExtractor, FeatureSpace
+from dedt_ray.runtime import actor_threads
 
 UNCONDITIONAL_GRID_ROWS = 10
 
@@ -92,7 +93,9 @@ def local_model_dir(uri: str) -> str:
 class ShareSampler:
     """The exported model + the feature networks on one device; runs shares.
 
-    `space` is one feature space or a sequence of them (the headline space first)."""
+    `space` is one feature space or a sequence of them (the headline space first). On CPU,
+    torch runs `threads` threads, else this node's cores / `actors` (`actor_threads`); with
+    neither (in-process use) torch's setting is left as it is."""
 
     def __init__(
         self,
@@ -103,11 +106,15 @@ class ShareSampler:
         space: FeatureSpace | Sequence[FeatureSpace],
         device: str = "cpu",
         feature_batch: int = 64,
+        threads: int | None = None,
+        actors: int | None = None,
     ) -> None:
         from dedt_ray.diffusion.export import load_export
         from dedt_ray.diffusion.models import sampling_scheduler
 
         self.device = torch.device(device)
+        if self.device.type == "cpu" and (threads or actors):  # else: as torch is set
+            torch.set_num_threads(actor_threads(threads, actors or 1))
         self.unet, noise_scheduler, self.vae, self.info = load_export(
             local_model_dir(model_uri), device=device
         )
@@ -138,7 +145,8 @@ class ShareSampler:
 
     def run(self, share: Share) -> dict[str, Any]:
         """Generate, featurise; returns features (of the first space; `all_features`: one
-        array per space), labels (-1 unconditional), reservoir keys and the grid images."""
+        array per space), labels (-1 unconditional), reservoir keys, the grid images and the
+        torch threads it ran with."""
         images = self.generate(share)
         features = [extract(images) for extract in self.extractors]
         labels = (
@@ -156,6 +164,7 @@ class ShareSampler:
             "grid_images": images[grid],
             "grid_labels": labels[grid],
             "grid_positions": grid,
+            "threads": torch.get_num_threads(),
         }
 
     def flops_per_image(self) -> int:

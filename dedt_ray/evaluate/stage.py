@@ -45,7 +45,7 @@ from dedt_ray.evaluate.streaming import (
     json_number,
 )
 from dedt_ray.progress import Progress
-from dedt_ray.runtime import cluster_gpus
+from dedt_ray.runtime import actor_threads, cluster_gpus
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
@@ -175,11 +175,14 @@ class _Featurize:
     """Ray Data actor: real images -> features `feature_<i>` in each space (+ reservoir keys)."""
 
     def __init__(
-        self, spaces: list[FeatureSpace], use_gpu: bool, batch_size: int, seed: int
-    ) -> None:
+        self, spaces: list[FeatureSpace], use_gpu: bool, batch_size: int, seed: int,
+        threads: int | None, actors: int,
+    ) -> None:  # fmt: skip
         import torch
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(actor_threads(threads, actors))
         self.extractors = [FeatureExtractor(space, device, batch_size) for space in spaces]
         self.seed = seed
 
@@ -208,7 +211,8 @@ def real_features(
     ds = ds.map_batches(
         _Featurize,
         fn_constructor_kwargs={
-            "spaces": spaces, "use_gpu": gpus > 0, "batch_size": ev.batch_size, "seed": ev.seed
+            "spaces": spaces, "use_gpu": gpus > 0, "batch_size": ev.batch_size, "seed": ev.seed,
+            "threads": ev.threads_per_actor, "actors": ev.actors,
         },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.actors),
         num_gpus=gpus,
@@ -232,9 +236,9 @@ def generated_features(
     cfg: Config, store: RunStore, spaces: list[FeatureSpace], gpus: float,
     classes: list[int] | None, per_class: bool, n_real_classes: int,
     model: tuple[str, ...] = MODEL,
-) -> tuple[list[FeatureAccumulator], np.ndarray, np.ndarray, int, float]:  # fmt: skip
+) -> tuple[list[FeatureAccumulator], np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
     """Sample the shares on an actor pool. (one accumulator per space, grid images, grid
-    labels, FLOPs per image, sampling seconds)."""
+    labels, how it ran: FLOPs per image, seconds, actors, torch threads of a CPU actor)."""
     ev = cfg.evaluate
     total = ev.num_samples or ev.samples_per_class * max(1, n_real_classes)
     shares = plan_shares(
@@ -242,6 +246,7 @@ def generated_features(
     )
     sampler = ray.remote(ShareSampler).options(num_cpus=1, num_gpus=gpus)
     device = "cuda" if gpus > 0 else "cpu"
+    count = min(ev.actors, len(shares))
     actors = [
         sampler.remote(
             store.uri(store.path(*model)),
@@ -251,15 +256,17 @@ def generated_features(
             spaces,
             device,
             ev.batch_size,
+            ev.threads_per_actor,
+            count,
         )  # fmt: skip
-        for _ in range(min(ev.actors, len(shares)))
+        for _ in range(count)
     ]
     conditional = per_class and classes is not None
     accs = [
         FeatureAccumulator(ev.manifold_samples, per_class=conditional and i == 0)
         for i in range(len(spaces))
     ]
-    grid_images, grid_labels = [], []
+    grid_images, grid_labels, threads = [], [], set()
     started = time.time()
     try:
         flops = ray.get(actors[0].flops_per_image.remote())
@@ -270,12 +277,18 @@ def generated_features(
                     acc.add(features, out["labels"], out["keys"])
                 grid_images.append(out["grid_images"])
                 grid_labels.append(out["grid_labels"])
+                threads.add(out["threads"])
                 progress.update_to(i + 1, images=accs[0].count)
     finally:
         for actor in actors:
             ray.kill(actor)
-    seconds = time.time() - started
-    return accs, np.concatenate(grid_images), np.concatenate(grid_labels), flops, seconds
+    run = {
+        "flops_per_image": flops,
+        "seconds": round(time.time() - started, 3),
+        "actors": count,
+        "threads_per_actor": max(threads) if device == "cpu" else None,
+    }
+    return accs, np.concatenate(grid_images), np.concatenate(grid_labels), run
 
 
 def grid_png(
@@ -395,7 +408,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         notes.append(f"per-class distances skipped: {n_classes} classes x {dim}^2 statistics")
 
     reals = real_features(cfg, spaces, gpus, per_class)
-    fakes, grid_images, grid_labels, flops, seconds = generated_features(
+    fakes, grid_images, grid_labels, sampled = generated_features(
         cfg, store, spaces, gpus, classes, per_class, len(reals[0].class_counts), model
     )
     metrics, per_class_rows, more_notes = measure(
@@ -403,7 +416,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
     )
     name_rows(per_class_rows, class_names)
     result = metrics_json(cfg, spaces, space_source, dim, metrics, reals[0], fakes[0], classes,
-                          flops, seconds, gpus, info, model, notes + more_notes)  # fmt: skip
+                          sampled, gpus, info, model, notes + more_notes)  # fmt: skip
     store.write_json(result, "evaluate", METRICS)
     update_card(store, model, {"Metrics": metrics_section(result)}, info)  # the model card
     store.write_json(
@@ -419,8 +432,8 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
         "metric": space.metric,
         "value": result["metrics"][space.metric],
         "feature_space": space.name,
-        "flops_per_image": flops,
-        "sampling_seconds": round(seconds, 3),
+        "flops_per_image": sampled["flops_per_image"],
+        "sampling_seconds": sampled["seconds"],
         "summary": f"{summary_text(result['metrics'], space.metric, space.kernel)} on "
         f"{fakes[0].count} generated vs {reals[0].count} real "
         f"({ev.scheduler} {ev.num_inference_steps} steps)",
@@ -430,7 +443,7 @@ def run(cfg: Config, store: RunStore, ctx: StageContext) -> dict[str, Any]:
 def metrics_json(
     cfg: Config, spaces: list[FeatureSpace], space_source: str, dim: int,
     metrics: dict[str, Any], real: FeatureAccumulator, fake: FeatureAccumulator,
-    classes: list[int] | None, flops: int, seconds: float, gpus: float, info: dict[str, Any],
+    classes: list[int] | None, sampled: dict[str, Any], gpus: float, info: dict[str, Any],
     model: tuple[str, ...], notes: list[str],
 ) -> dict[str, Any]:  # fmt: skip
     """evaluate/metrics.json: the metrics and how they were measured."""
@@ -446,11 +459,14 @@ def metrics_json(
             "num_inference_steps": ev.num_inference_steps,
             "guidance_scale": ev.guidance_scale,
             "class_conditional": classes is not None,
-            "flops_per_image": flops,
-            "seconds": round(seconds, 3),
-            "images_per_s": round(fake.count / seconds, 3) if seconds > 0 else None,
-            "actors": min(ev.actors, max(1, fake.count)),
+            "flops_per_image": sampled["flops_per_image"],
+            "seconds": sampled["seconds"],
+            "images_per_s": (
+                round(fake.count / sampled["seconds"], 3) if sampled["seconds"] > 0 else None
+            ),
+            "actors": sampled["actors"],
             "gpus_per_actor": gpus,
+            "threads_per_actor": sampled["threads_per_actor"],  # torch threads on CPU
         },
         "model": {k: info.get(k) for k in ("steps", "images_seen", "flops") if k in info},
         "model_path": "/".join(model),
