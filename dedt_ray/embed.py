@@ -21,7 +21,7 @@ from dedt_ray.config import Config, EmbedConfig
 from dedt_ray.data import open_source
 from dedt_ray.data.images import IMAGE_EXTENSIONS
 from dedt_ray.encoders import build_encoder, build_preprocessor
-from dedt_ray.runtime import actor_threads, cluster_gpus
+from dedt_ray.runtime import cluster_gpus, use_actor_threads
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
@@ -51,7 +51,7 @@ class _Encode:
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":  # Ray pins actors to 1 thread; the encoder is the hot loop
-            torch.set_num_threads(actor_threads(threads, actors))
+            use_actor_threads(threads, actors)
         self.encoder = build_encoder(device=device, **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -127,6 +127,13 @@ def actor_threads(threads: int | None, actors: int) -> int:
     return threads or max(1, local_cores() // max(1, actors))
 
 
+def use_actor_threads(threads: int | None, actors: int) -> None:
+    """Set this CPU actor's torch threads to `actor_threads(threads, actors)`."""
+    import torch
+
+    torch.set_num_threads(actor_threads(threads, actors))
+
+
 def cluster_gpus() -> float:
     """GPUs the connected cluster has in total."""
     return float(ray.cluster_resources().get("GPU", 0.0))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dedt_ray.evaluate.features import FeatureExtractor, FeatureSpace
-from dedt_ray.runtime import actor_threads
+from dedt_ray.runtime import use_actor_threads
 
 UNCONDITIONAL_GRID_ROWS = 10
 
@@ -114,7 +114,7 @@ class ShareSampler:
 
         self.device = torch.device(device)
         if self.device.type == "cpu" and (threads or actors):  # else: as torch is set
-            torch.set_num_threads(actor_threads(threads, actors or 1))
+            use_actor_threads(threads, actors or 1)
         self.unet, noise_scheduler, self.vae, self.info = load_export(
             local_model_dir(model_uri), device=device
         )

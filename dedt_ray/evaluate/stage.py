@@ -45,7 +45,7 @@ from dedt_ray.evaluate.streaming import (
     json_number,
 )
 from dedt_ray.progress import Progress
-from dedt_ray.runtime import actor_threads, cluster_gpus
+from dedt_ray.runtime import cluster_gpus, use_actor_threads
 from dedt_ray.stages import StageContext
 from dedt_ray.store import RunStore
 
@@ -182,7 +182,7 @@ class _Featurize:
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":
-            torch.set_num_threads(actor_threads(threads, actors))
+            use_actor_threads(threads, actors)
         self.extractors = [FeatureExtractor(space, device, batch_size) for space in spaces]
         self.seed = seed
 
@@ -266,7 +266,7 @@ def generated_features(
         FeatureAccumulator(ev.manifold_samples, per_class=conditional and i == 0)
         for i in range(len(spaces))
     ]
-    grid_images, grid_labels, threads = [], [], set()
+    grid_images, grid_labels, threads = [], [], None
     started = time.time()
     try:
         flops = ray.get(actors[0].flops_per_image.remote())
@@ -277,7 +277,7 @@ def generated_features(
                     acc.add(features, out["labels"], out["keys"])
                 grid_images.append(out["grid_images"])
                 grid_labels.append(out["grid_labels"])
-                threads.add(out["threads"])
+                threads = out["threads"]  # the same on every actor
                 progress.update_to(i + 1, images=accs[0].count)
     finally:
         for actor in actors:
@@ -286,7 +286,7 @@ def generated_features(
         "flops_per_image": flops,
         "seconds": round(time.time() - started, 3),
         "actors": count,
-        "threads_per_actor": max(threads) if device == "cpu" else None,
+        "threads_per_actor": threads if device == "cpu" else None,
     }
     return accs, np.concatenate(grid_images), np.concatenate(grid_labels), run
 
