@@ -36,7 +36,7 @@ from dedt_ray.diffusion.job import TrainJob, TrainLoss, WorkerInfo
 from dedt_ray.diffusion.models import build_noise_scheduler
 from dedt_ray.diffusion.state import checkpoint_dirs, load_state, save_state
 from dedt_ray.diffusion.stream import IndexStream
-from dedt_ray.runtime import local_cores
+from dedt_ray.runtime import use_actor_threads
 
 log = logging.getLogger("dedt_ray")
 
@@ -558,10 +558,10 @@ def _device(job: TrainJob) -> torch.device:
 
 
 def _set_threads(tc: TrainConfig, local_world: int, local: bool) -> None:
-    if tc.threads_per_worker is not None:
-        torch.set_num_threads(tc.threads_per_worker)
-    elif not local:
-        torch.set_num_threads(max(1, local_cores() // max(1, local_world)))
+    """`train.threads_per_worker`, else (a Ray Train worker) the node's cores shared among its
+    workers; in-process training without the key keeps torch's setting."""
+    if tc.threads_per_worker is not None or not local:
+        use_actor_threads(tc.threads_per_worker, local_world)
 
 
 def _maybe_fail(tc: TrainConfig, step: int, rank: int) -> None:
